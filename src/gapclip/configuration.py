@@ -1,0 +1,107 @@
+"""Configuration of :class:`~gapclip.GapClipModel`: a dual-encoder backbone config plus the training objective."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+from transformers.utils import logging
+
+from .losses.base import validate_term_specs
+
+logger = logging.get_logger(__name__)
+
+#: backbone ``model_type`` → the base loss it was trained with (``base_loss="auto"``).
+SUPPORTED_BACKBONES = {"clip": "infonce", "siglip": "sigmoid", "siglip2": "sigmoid", "vision-text-dual-encoder": "infonce"}
+BASE_LOSS_NAMES = ("auto", "infonce", "sigmoid", "triplet")
+
+
+class GapClipConfig(PretrainedConfig):
+    r"""Configuration for :class:`~gapclip.GapClipModel`.
+
+    Args:
+        backbone_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the wrapped dual encoder: a `CLIPConfig`, `SiglipConfig` or `VisionTextDualEncoderConfig`
+            (a dict must carry its `model_type`). Defaults to a default `CLIPConfig`.
+        base_loss (`str`, *optional*, defaults to `"auto"`):
+            `"infonce"` (CLIP), `"sigmoid"` (SigLIP, needs the backbone's logit bias), `"triplet"` (hinge, DIAS
+            Eq. 3) or `"auto"`: the loss the backbone family was trained with.
+        gap_terms (`list[dict]`, *optional*):
+            Extra objectives, each `{"name": str, "weight": float, "options": dict}`; the total loss is
+            `base + Σ weight · term`. See `gapclip.losses.describe_terms()` for names and options.
+        triplet_margin (`float`, *optional*, defaults to 0.2): α of the triplet base loss.
+        triplet_mining (`str`, *optional*, defaults to `"hardest"`): negatives of the triplet base loss.
+        gather_with_grad (`bool`, *optional*, defaults to `True`):
+            Gather embeddings across processes with gradients, so every process computes the loss of the global
+            batch and multi-process training equals single-process training on the concatenated batch.
+        logit_scale_max (`float`, *optional*, defaults to 100.0):
+            Upper clamp of `scale = exp(logit_scale) = 1/temperature`, as in CLIP.
+
+    Example::
+
+        >>> from transformers import CLIPConfig
+        >>> config = GapClipConfig(CLIPConfig(), gap_terms=[{"name": "lsc", "weight": 1.0, "options": {"k": 4}}])
+    """
+
+    model_type = "gapclip"
+    sub_configs = {"backbone_config": AutoConfig}
+
+    def __init__(
+        self,
+        backbone_config: dict | PretrainedConfig | None = None,
+        base_loss: str = "auto",
+        gap_terms: list[dict[str, Any]] | None = None,
+        triplet_margin: float = 0.2,
+        triplet_mining: str = "hardest",
+        gather_with_grad: bool = True,
+        logit_scale_max: float = 100.0,
+        **kwargs,
+    ):
+        if backbone_config is None:
+            backbone_config = CONFIG_MAPPING["clip"]()
+        elif isinstance(backbone_config, dict):
+            model_type = backbone_config.get("model_type")
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(f"backbone_config needs a known 'model_type', got {model_type!r}.")
+            backbone_config = CONFIG_MAPPING[model_type](**backbone_config)
+        if not isinstance(backbone_config, PretrainedConfig):
+            raise TypeError(f"backbone_config must be a dict or PretrainedConfig, got {type(backbone_config).__name__}.")
+        check_dual_encoder_config(backbone_config)
+        if base_loss not in BASE_LOSS_NAMES:
+            raise ValueError(f"base_loss must be one of {list(BASE_LOSS_NAMES)}, got {base_loss!r}.")
+        if not (math.isfinite(logit_scale_max) and logit_scale_max > 0):
+            raise ValueError(f"logit_scale_max must be finite and > 0, got {logit_scale_max}.")
+        self.backbone_config = backbone_config
+        self.base_loss = base_loss
+        self.gap_terms = validate_term_specs(gap_terms)
+        self.triplet_margin = triplet_margin
+        self.triplet_mining = triplet_mining
+        self.gather_with_grad = gather_with_grad
+        self.logit_scale_max = logit_scale_max
+        super().__init__(**kwargs)
+
+    @property
+    def resolved_base_loss(self) -> str:
+        """The base loss actually used (`"auto"` resolved from the backbone family)."""
+        if self.base_loss != "auto":
+            return self.base_loss
+        return SUPPORTED_BACKBONES[self.backbone_config.model_type]
+
+    @property
+    def term_weights(self) -> dict[str, float]:
+        return {spec["name"]: spec["weight"] for spec in self.gap_terms}
+
+
+def check_dual_encoder_config(config: PretrainedConfig, source: str | None = None) -> None:
+    """Raise a ValueError unless ``config`` describes a supported image-text dual encoder."""
+    if config.model_type not in SUPPORTED_BACKBONES:
+        where = f" ({source})" if source else ""
+        raise ValueError(
+            f"{config.model_type!r}{where} is not a supported image-text dual encoder. gapclip wraps "
+            f"{sorted(SUPPORTED_BACKBONES)} models, e.g. 'openai/clip-vit-base-patch16'; to pair a vision model with "
+            "a text model, build a VisionTextDualEncoderModel first."
+        )
+
+
+AutoConfig.register("gapclip", GapClipConfig)

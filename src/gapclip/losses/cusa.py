@@ -1,0 +1,1 @@
+"""Gap terms of this family (filled in by its issue)."""

@@ -1,0 +1,309 @@
+"""GapClipModel: a dual-encoder backbone (CLIP, SigLIP, VisionTextDualEncoder) trained with gap terms."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .backbones import default_word_mask, encode_images, encode_texts
+from .configuration import GapClipConfig, check_dual_encoder_config
+from .distributed import gather_features
+from .losses import BASE_LOSSES, GapBatch, TripletLoss, build_terms
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class GapClipOutput(ModelOutput):
+    """Output of :class:`GapClipModel`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): base loss + Σ weight·term, when `return_loss=True`.
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*): unweighted value of the base loss (key `"base"`)
+            and of every gap term (by name).
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`): scaled cosine
+            similarities (plus bias for SigLIP) of the local batch.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`): the transpose.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`): normalised image embeddings.
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`): normalised text embeddings.
+        patch_embeds (`torch.FloatTensor` of shape `(batch_size, num_patches, embed_dim)`, *optional*): projected
+            patch tokens, when local features were computed.
+        patch_mask (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*): valid patches.
+        token_embeds (`torch.FloatTensor` of shape `(batch_size, seq_len, embed_dim)`, *optional*): projected word
+            tokens.
+        token_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`, *optional*): word tokens (no padding, no
+            special tokens).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    patch_embeds: torch.FloatTensor | None = None
+    patch_mask: torch.BoolTensor | None = None
+    token_embeds: torch.FloatTensor | None = None
+    token_mask: torch.BoolTensor | None = None
+
+
+class GapClipPreTrainedModel(PreTrainedModel):
+    config_class = GapClipConfig
+    base_model_prefix = "gapclip"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    input_modalities = ("image", "text")
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The backbone initialises itself (or is loaded); gap terms initialise their own parameters in __init__.
+        return None
+
+
+class GapClipModel(GapClipPreTrainedModel):
+    """A dual encoder plus its training objective: the base loss and the configured gap terms.
+
+    Example::
+
+        >>> from gapclip import GapClipModel
+        >>> model = GapClipModel.from_backbone("openai/clip-vit-base-patch16",
+        ...                                    gap_terms=[{"name": "lsc", "weight": 1.0}])
+        >>> outputs = model(input_ids=..., attention_mask=..., pixel_values=..., return_loss=True)
+        >>> outputs.loss, outputs.loss_terms
+    """
+
+    def __init__(self, config: GapClipConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
+        self.embed_dim = self._embedding_dim()
+        self.base_loss = self._build_base_loss()
+        self.gap_terms = build_terms(config.gap_terms, self.embed_dim)
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(
+        cls, pretrained_model_name_or_path: str, *, backbone_kwargs: dict[str, Any] | None = None, **config_kwargs
+    ) -> GapClipModel:
+        """Wrap a pretrained dual encoder (Hub id or local folder), e.g. ``openai/clip-vit-base-patch16``.
+
+        ``config_kwargs`` are :class:`GapClipConfig` fields (``gap_terms``, ``base_loss``, ...).
+        """
+        backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        if backbone_config.model_type == GapClipConfig.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} is already a gapclip checkpoint: load it with "
+                "GapClipModel.from_pretrained (or AutoModel.from_pretrained after `import gapclip`)."
+            )
+        check_dual_encoder_config(backbone_config, source=str(pretrained_model_name_or_path))
+        backbone = AutoModel.from_pretrained(pretrained_model_name_or_path, **(backbone_kwargs or {}))
+        config = GapClipConfig(backbone_config=backbone.config, **config_kwargs)
+        return cls(config, backbone=backbone)
+
+    def _embedding_dim(self) -> int:
+        config = self.backbone.config
+        if config.model_type in ("siglip", "siglip2"):
+            return config.vision_config.hidden_size
+        return config.projection_dim
+
+    def _build_base_loss(self) -> nn.Module:
+        name = self.config.resolved_base_loss
+        if name == "sigmoid" and getattr(self.backbone, "logit_bias", None) is None:
+            raise ValueError(
+                f"base_loss='sigmoid' needs a backbone with a logit bias (SigLIP); "
+                f"{self.backbone.config.model_type!r} has none. Use base_loss='infonce' or 'triplet'."
+            )
+        if name == "triplet":
+            return TripletLoss(margin=self.config.triplet_margin, mining=self.config.triplet_mining)
+        return BASE_LOSSES[name]()
+
+    # ------------------------------------------------------------------ encoding
+    @property
+    def needs_local_features(self) -> bool:
+        return any("local" in term.requires for term in self.gap_terms.values())
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected (not normalised) image embeddings ``[B, D]``."""
+        return encode_images(self.backbone, pixel_values, with_local=False).embeds
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected (not normalised) text embeddings ``[B, D]``."""
+        return encode_texts(self.backbone, input_ids, attention_mask, with_local=False).embeds
+
+    def logit_scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``scale = exp(logit_scale) = 1/temperature``, clamped at ``config.logit_scale_max`` as in CLIP."""
+        log_scale = self.backbone.logit_scale.clamp(max=math.log(self.config.logit_scale_max))
+        bias = getattr(self.backbone, "logit_bias", None)
+        return log_scale.exp().reshape(()), None if bias is None else bias.reshape(())
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        word_mask: torch.Tensor | None = None,
+        image_index: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        return_local: bool | None = None,
+        translation_input_ids: torch.LongTensor | None = None,
+        translation_attention_mask: torch.Tensor | None = None,
+        has_translation: torch.BoolTensor | None = None,
+        teacher_image_embeds: torch.FloatTensor | None = None,
+        teacher_text_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> GapClipOutput:
+        r"""
+        Args:
+            word_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`, *optional*): which tokens are words
+                (the collator derives it from the tokenizer's special-tokens mask); defaults to the attention mask
+                minus the config's special token ids.
+            image_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*): which image each row shows, so
+                rows of the same image are positives of each other.
+            return_loss (`bool`, *optional*): compute the base loss and the gap terms.
+            return_local (`bool`, *optional*): return projected patch/word tokens even if no term needs them.
+            translation_input_ids / translation_attention_mask / has_translation: tokenised generated captions
+                of the images (LG-MGC GST).
+            teacher_image_embeds / teacher_text_embeds (`(batch_size, teacher_dim)`): precomputed teacher
+                embeddings (CUSA).
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError("GapClipModel.forward needs both `input_ids` and `pixel_values`.")
+        with_local = bool(return_local) or (bool(return_loss) and self.needs_local_features)
+        images = encode_images(self.backbone, pixel_values, with_local=with_local)
+        texts = encode_texts(self.backbone, input_ids, attention_mask, with_local=with_local)
+        image_embeds = F.normalize(images.embeds, dim=-1)
+        text_embeds = F.normalize(texts.embeds, dim=-1)
+        logit_scale, logit_bias = self.logit_scale_and_bias()
+        logits_per_text = logit_scale * text_embeds @ image_embeds.t()
+        if logit_bias is not None:
+            logits_per_text = logits_per_text + logit_bias
+
+        patch_mask = token_mask = None
+        if with_local:
+            patch_mask = torch.ones(images.patch_embeds.shape[:2], dtype=torch.bool, device=pixel_values.device)
+            token_mask = word_mask.bool() if word_mask is not None else default_word_mask(
+                self.backbone.config, input_ids, attention_mask
+            )
+
+        loss = loss_terms = None
+        if return_loss:
+            extras = self._term_extras(
+                translation_input_ids, translation_attention_mask, has_translation, teacher_image_embeds,
+                teacher_text_embeds, batch_size=image_embeds.shape[0],
+            )
+            batch = self._global_batch(
+                image_embeds, text_embeds, logit_scale, logit_bias, image_index, images.patch_embeds, patch_mask,
+                texts.token_embeds, token_mask, extras,
+            )
+            loss, loss_terms = self.compute_loss(batch)
+
+        return GapClipOutput(
+            loss=loss,
+            loss_terms=loss_terms,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            patch_embeds=images.patch_embeds,
+            patch_mask=patch_mask,
+            token_embeds=texts.token_embeds,
+            token_mask=token_mask,
+        )
+
+    def _term_extras(
+        self, translation_input_ids, translation_attention_mask, has_translation, teacher_image_embeds,
+        teacher_text_embeds, *, batch_size: int,
+    ) -> dict[str, torch.Tensor]:
+        requires = set().union(*(term.requires for term in self.gap_terms.values())) if self.gap_terms else set()
+        extras: dict[str, torch.Tensor] = {}
+        if "translation" in requires:
+            if translation_input_ids is None:
+                needing = [name for name, term in self.gap_terms.items() if "translation" in term.requires]
+                raise ValueError(
+                    f"Gap term(s) {needing} need image translations, but the batch has no `translation_input_ids`. "
+                    "Give the dataset a 'translation' column (recipes/translate_images.py makes one, or pass "
+                    "--translations FILE.jsonl)."
+                )
+            translated = encode_texts(self.backbone, translation_input_ids, translation_attention_mask, with_local=False)
+            extras["translation_embeds"] = F.normalize(translated.embeds, dim=-1)
+            extras["has_translation"] = (
+                has_translation.bool()
+                if has_translation is not None
+                else torch.ones(batch_size, dtype=torch.bool, device=translated.embeds.device)
+            )
+        if "teacher" in requires:
+            if teacher_image_embeds is None or teacher_text_embeds is None:
+                needing = [name for name, term in self.gap_terms.items() if "teacher" in term.requires]
+                raise ValueError(
+                    f"Gap term(s) {needing} need teacher embeddings, but the batch has no `teacher_image_embeds`/"
+                    "`teacher_text_embeds`. Run recipes/precompute_teachers.py for this dataset first."
+                )
+            extras["teacher_image_embeds"] = teacher_image_embeds
+            extras["teacher_text_embeds"] = teacher_text_embeds
+        return extras
+
+    def _global_batch(
+        self, image_embeds, text_embeds, logit_scale, logit_bias, image_index, patch_embeds, patch_mask,
+        token_embeds, token_mask, extras,
+    ) -> GapBatch:
+        """Gather everything the losses read from all processes (a no-op on one process)."""
+        with_grad = self.config.gather_with_grad
+        if image_index is None:
+            image_index = torch.arange(image_embeds.shape[0], device=image_embeds.device)
+            # Without indices, rows are distinct images: offset by rank so they stay distinct once gathered.
+            image_index = image_index + _rank_offset(image_index)
+
+        def gather(tensor, pad_value=0.0):
+            return None if tensor is None else gather_features(tensor, gather_with_grad=with_grad, pad_value=pad_value)
+
+        batch = GapBatch(
+            image_embeds=gather(image_embeds),
+            text_embeds=gather(text_embeds),
+            logit_scale=logit_scale,
+            logit_bias=logit_bias,
+            image_index=gather(image_index),
+            patch_embeds=gather(patch_embeds),
+            patch_mask=gather(patch_mask),
+            token_embeds=gather(token_embeds),
+            token_mask=gather(token_mask),
+            extras={key: gather(value) for key, value in extras.items()},
+        )
+        if batch.batch_size < 2:
+            raise ValueError(
+                "The global batch holds a single image-caption pair; a contrastive objective needs at least 2 "
+                "(in-batch negatives). Increase --per_device_train_batch_size (or the number of processes), or "
+                "set --dataloader_drop_last when the last batch of an epoch has one sample."
+            )
+        return batch
+
+    def compute_loss(self, batch: GapBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Base loss + Σ weight·term on a (gathered) :class:`GapBatch`; also returns each unweighted value."""
+        base = self.base_loss(batch)
+        loss_terms = {"base": base}
+        total = base
+        weights = self.config.term_weights
+        for name, term in self.gap_terms.items():
+            value = term(batch)
+            loss_terms[name] = value
+            total = total + weights[name] * value
+        return total, loss_terms
+
+
+def _rank_offset(index: torch.Tensor) -> torch.Tensor:
+    from .distributed import distributed_info
+
+    rank, world_size = distributed_info()
+    if world_size == 1:
+        return torch.zeros((), dtype=index.dtype, device=index.device)
+    # Large stride: each process' local indices stay disjoint from the others'.
+    return torch.tensor(rank * 1_000_000_000, dtype=index.dtype, device=index.device)
+
+
+AutoModel.register(GapClipConfig, GapClipModel)
