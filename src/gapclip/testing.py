@@ -68,7 +68,10 @@ def tiny_vision_text_dual_encoder(
     vision = ViTModel(ViTConfig(**_tower(hidden_size, num_layers, 2), image_size=image_size, patch_size=patch_size))
     text = BertModel.from_pretrained(str(text_model_path or minilm_path()))
     config = VisionTextDualEncoderConfig.from_vision_text_configs(vision.config, text.config, projection_dim=projection_dim)
-    return VisionTextDualEncoderModel(config=config, vision_model=vision, text_model=text)
+    model = VisionTextDualEncoderModel(config=config, vision_model=vision, text_model=text)
+    # The composed sub-configs come without an attention implementation, and then BERT ignores its padding mask.
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def tiny_bert_config(*, vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2) -> BertConfig:

@@ -1,0 +1,202 @@
+"""Collators turning `gapclip.data.pairs` items into model inputs with the backbone's processor.
+
+`GapClipCollator` returns `input_ids`, `attention_mask` (when the tokenizer makes one), `pixel_values`, `image_index`,
+`return_loss=True` and, when items carry translations, `translation_input_ids`, `translation_attention_mask` and a
+`has_translation` mask (missing translations are encoded as ""). `ImageCollator` and `TextCollator` encode images or
+strings alone, e.g. to embed an evaluation set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image as PILImage
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["GapClipCollator", "ImageCollator", "TextCollator"]
+
+_PADDING = ("longest", "max_length", "do_not_pad", True, False)
+# transformers' sentinel for "no limit" (VERY_LARGE_INTEGER) is ~1e30; anything this big means "unset".
+_UNSET_MAX_LENGTH = 1_000_000
+
+
+def _get_tokenizer(processor: Any) -> Any:
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None and callable(getattr(processor, "batch_decode", None)):
+        tokenizer = processor  # a bare tokenizer
+    if tokenizer is None:
+        raise TypeError(
+            f"processor of type {type(processor).__name__} has no tokenizer; pass the backbone's AutoProcessor "
+            "(e.g. CLIPProcessor, SiglipProcessor, VisionTextDualEncoderProcessor)."
+        )
+    return tokenizer
+
+
+def _get_image_processor(processor: Any) -> Any:
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise TypeError(
+            f"processor of type {type(processor).__name__} has no image_processor; pass the backbone's AutoProcessor "
+            "(e.g. CLIPProcessor, SiglipProcessor, VisionTextDualEncoderProcessor)."
+        )
+    return image_processor
+
+
+def _resolve_max_length(tokenizer: Any, max_length: int | None) -> int | None:
+    if max_length is not None:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2 (or None for the tokenizer's), got {max_length!r}.")
+        return max_length
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if model_max is None or model_max >= _UNSET_MAX_LENGTH:
+        return None
+    return int(model_max)
+
+
+def _as_rgb(image: Any, position: int) -> PILImage.Image:
+    if isinstance(image, dict) and "image" in image:
+        image = image["image"]
+    if not isinstance(image, PILImage.Image):
+        raise TypeError(f"image {position} of the batch is a {type(image).__name__}; expected a PIL image.")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _encode_texts(
+    tokenizer: Any, texts: list[str], *, max_length: int | None, padding: Any, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Tokenize with truncation; warn once when a text was longer than `max_length`."""
+    if padding == "max_length" and max_length is None:
+        raise ValueError(
+            "padding='max_length' needs a max_length: pass max_length=... "
+            "or use a tokenizer with model_max_length set."
+        )
+    encoded = tokenizer(
+        texts,
+        padding=padding,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    if max_length is not None:
+        mask = encoded.get("attention_mask")
+        if mask is not None:
+            candidates = [i for i, n in enumerate(mask.sum(dim=1).tolist()) if n >= max_length]
+        else:
+            candidates = list(range(len(texts)))
+        if candidates:
+            full = tokenizer([texts[i] for i in candidates], truncation=False, padding=False, verbose=False)[
+                "input_ids"
+            ]
+            truncated = sum(len(ids) > max_length for ids in full)
+            if truncated:
+                logger.warning_once(
+                    f"Some texts (captions or translations) are longer than max_length={max_length} tokens and were "
+                    "truncated (this warning is shown once)."
+                )
+    out = {f"{prefix}input_ids": encoded["input_ids"]}
+    if "attention_mask" in encoded:
+        out[f"{prefix}attention_mask"] = encoded["attention_mask"]
+    return out
+
+
+@dataclass
+class GapClipCollator:
+    """Collate `CaptionPairs` items into a batch of tensors for a dual encoder.
+
+    Args:
+        processor: the backbone's `AutoProcessor` (tokenizer + image processor).
+        max_length: token limit; default the tokenizer's `model_max_length`. Longer captions are truncated with a
+            one-time warning.
+        padding: passed to the tokenizer; `"longest"` (default) or `"max_length"` (needed by SigLIP, which was
+            trained on max-length padded text).
+
+    Returns a dict with `input_ids`, `attention_mask` (if the tokenizer makes one), `pixel_values`, `image_index`
+    (LongTensor), `return_loss=True`, and when any item has a translation: `translation_input_ids`,
+    `translation_attention_mask` (if made) and `has_translation` (BoolTensor; missing translations are encoded as "").
+    """
+
+    processor: Any
+    max_length: int | None = None
+    padding: Any = "longest"
+
+    def __post_init__(self) -> None:
+        if self.padding not in _PADDING:
+            raise ValueError(f"padding={self.padding!r} is not supported; accepted values are {list(_PADDING)}.")
+        self.tokenizer = _get_tokenizer(self.processor)
+        self.image_processor = _get_image_processor(self.processor)
+        self.resolved_max_length = _resolve_max_length(self.tokenizer, self.max_length)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("GapClipCollator received an empty batch.")
+        for key in ("image", "caption", "image_index"):
+            missing = [i for i, item in enumerate(items) if key not in item]
+            if missing:
+                raise ValueError(
+                    f"GapClipCollator: batch items {missing[:5]} have no {key!r} key; "
+                    f"got keys {sorted(items[missing[0]])}."
+                )
+        captions = [item["caption"] for item in items]
+        batch: dict[str, Any] = _encode_texts(
+            self.tokenizer, captions, max_length=self.resolved_max_length, padding=self.padding
+        )
+        images = [_as_rgb(item["image"], i) for i, item in enumerate(items)]
+        batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        batch["image_index"] = torch.tensor([int(item["image_index"]) for item in items], dtype=torch.long)
+        translations = [item.get("translation") for item in items]
+        if any(t is not None for t in translations):
+            batch.update(
+                _encode_texts(
+                    self.tokenizer,
+                    [t if t is not None else "" for t in translations],
+                    max_length=self.resolved_max_length,
+                    padding=self.padding,
+                    prefix="translation_",
+                )
+            )
+            batch["has_translation"] = torch.tensor([t is not None for t in translations], dtype=torch.bool)
+        batch["return_loss"] = True
+        return batch
+
+
+@dataclass
+class ImageCollator:
+    """Encode a list of PIL images (or items with an "image" key) into `{"pixel_values"}`."""
+
+    processor: Any
+
+    def __post_init__(self) -> None:
+        self.image_processor = _get_image_processor(self.processor)
+
+    def __call__(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        if not images:
+            raise ValueError("ImageCollator received an empty list of images.")
+        rgb = [_as_rgb(image, i) for i, image in enumerate(images)]
+        return {"pixel_values": self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]}
+
+
+@dataclass
+class TextCollator:
+    """Encode a list of strings into `{"input_ids", "attention_mask"?}` (truncated like `GapClipCollator`)."""
+
+    processor: Any
+    max_length: int | None = None
+    padding: Any = "longest"
+
+    def __post_init__(self) -> None:
+        if self.padding not in _PADDING:
+            raise ValueError(f"padding={self.padding!r} is not supported; accepted values are {list(_PADDING)}.")
+        self.tokenizer = _get_tokenizer(self.processor)
+        self.resolved_max_length = _resolve_max_length(self.tokenizer, self.max_length)
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if not texts:
+            raise ValueError("TextCollator received an empty list of texts.")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"TextCollator: texts {bad[:5]} are not strings (first: {type(texts[bad[0]]).__name__}).")
+        return _encode_texts(self.tokenizer, list(texts), max_length=self.resolved_max_length, padding=self.padding)

@@ -1,0 +1,326 @@
+"""Training pairs over a canonical caption dataset (see `gapclip.data.loaders`).
+
+`CaptionPairs` wraps a `datasets.Dataset` and serves `{"image", "caption", "image_index", "image_id", "translation"}`
+items, either one caption per image per epoch (`mode="one_per_image"`) or every (image, caption) pair
+(`mode="all_pairs"`). `IterableCaptionPairs` is the streaming counterpart for a `datasets.IterableDataset` and picks
+captions with the same rule, so both yield the same items for the same rows.
+
+The caption chosen for row `r` at epoch `e` in `one_per_image` mode is `perm[e % n]`, where `n` is the number of
+captions and `perm` is a permutation of `range(n)` drawn from a numpy Generator seeded with `(seed, r, e // n)`: each
+caption of an image is used once every `n` epochs, in an order that differs between images, and a resumed run (same
+seed and epoch) sees the same captions.
+
+Images are decoded when an item is fetched and converted to RGB (greyscale, palette and RGBA images work; transparency
+is composited onto white). An unreadable image raises ValueError naming its id and path; with `on_bad_image="skip"` the
+item is replaced by the next readable one and the bad images are counted and logged, and once the fraction of distinct
+bad images exceeds `max_bad_image_fraction` of the split (of the rows seen so far when streaming) a ValueError says how
+many were bad.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, Image, IterableDataset
+from PIL import Image as PILImage
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["CaptionPairs", "IterableCaptionPairs", "choose_caption_index", "decode_image"]
+
+_MODES = ("one_per_image", "all_pairs")
+_ON_BAD_IMAGE = ("raise", "skip")
+
+
+def choose_caption_index(num_captions: int, *, seed: int, epoch: int, row: int) -> int:
+    """Deterministic caption index for `row` at `epoch` (cycles through all captions every `num_captions` epochs)."""
+    if num_captions <= 0:
+        raise ValueError(f"row {row} has {num_captions} captions; at least one is required.")
+    cycle, offset = divmod(int(epoch), num_captions)
+    permutation = np.random.default_rng([int(seed), int(row), cycle]).permutation(num_captions)
+    return int(permutation[offset])
+
+
+def _to_rgb(image: PILImage.Image) -> PILImage.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PILImage.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def decode_image(value: Any, *, image_id: str, row: int) -> PILImage.Image:
+    """Decode an undecoded `Image` cell (`{"bytes", "path"}`), a path or a PIL image into an RGB PIL image.
+
+    Raises:
+        ValueError: naming the image id, row and path when the image cannot be read.
+    """
+    path = None
+    try:
+        if isinstance(value, PILImage.Image):
+            image = value
+        elif isinstance(value, dict):
+            path, data = value.get("path"), value.get("bytes")
+            image = PILImage.open(io.BytesIO(data)) if data is not None else PILImage.open(path)
+        elif isinstance(value, str):
+            path = value
+            image = PILImage.open(path)
+        else:
+            raise TypeError(f"unsupported image value of type {type(value).__name__}")
+        image.load()
+        return _to_rgb(image)
+    except Exception as err:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ValueError, ...
+        raise ValueError(
+            f"could not read image of image_id={image_id!r} (row {row}, path={path!r}): {type(err).__name__}: {err}"
+        ) from err
+
+
+def _check_options(mode: str, on_bad_image: str, max_bad_image_fraction: float) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode={mode!r} is not supported; accepted values are {list(_MODES)}.")
+    if on_bad_image not in _ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image={on_bad_image!r} is not supported; accepted values are {list(_ON_BAD_IMAGE)}.")
+    if not 0.0 <= float(max_bad_image_fraction) <= 1.0:
+        raise ValueError(f"max_bad_image_fraction must be in [0, 1], got {max_bad_image_fraction!r}.")
+
+
+def _check_columns(column_names: list[str] | None, features: Any, kind: str) -> None:
+    if column_names is None:
+        return
+    missing = [c for c in ("image", "captions", "image_id") if c not in column_names]
+    if missing:
+        raise ValueError(
+            f"{kind} needs a caption dataset with columns 'image_id', 'image', 'captions' (see gapclip.data.loaders); "
+            f"missing {missing}, available columns: {column_names}."
+        )
+    if features is not None and not isinstance(features["image"], Image):
+        raise TypeError(f"{kind}: column 'image' must be a datasets.Image feature, got {features['image']!r}.")
+
+
+def _undecoded(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
+    return dataset.cast_column("image", Image(decode=False))
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """Map-style (image, caption) pairs over a caption `datasets.Dataset`.
+
+    Args:
+        dataset: a split with columns `image_id`, `image` (`Image` feature), `captions` and optionally `translation`.
+        mode: `"one_per_image"` (default; `len` = number of images, one caption per image chosen by
+            `choose_caption_index(seed, epoch, row)`) or `"all_pairs"` (`len` = total number of captions).
+        seed: seed of the caption choice.
+        on_bad_image: `"raise"` (default) or `"skip"` (serve the next readable item instead).
+        max_bad_image_fraction: in skip mode, raise once more than this fraction of the split's images is unreadable.
+
+    Items: `{"image": PIL.Image (RGB), "caption": str, "image_index": int (row in the split), "image_id": str,
+    "translation": str | None}`. Call `set_epoch(epoch)` at the start of every epoch. With DataLoader workers, each
+    worker keeps its own bad-image counters.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        mode: str = "one_per_image",
+        seed: int = 0,
+        on_bad_image: str = "raise",
+        max_bad_image_fraction: float = 0.01,
+    ) -> None:
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"CaptionPairs expects a datasets.Dataset, got {type(dataset).__name__}; "
+                "use IterableCaptionPairs for a datasets.IterableDataset."
+            )
+        _check_options(mode, on_bad_image, max_bad_image_fraction)
+        _check_columns(dataset.column_names, dataset.features, "CaptionPairs")
+        self.dataset = dataset
+        self.mode = mode
+        self.seed = int(seed)
+        self.on_bad_image = on_bad_image
+        self.max_bad_image_fraction = float(max_bad_image_fraction)
+        self.epoch = 0
+        self.num_skipped = 0
+        self.bad_rows: dict[int, str] = {}
+        self._raw = _undecoded(dataset)
+        self._has_translation = "translation" in dataset.column_names
+        self._counts = self._caption_counts()
+        empty = np.flatnonzero(self._counts == 0)
+        if len(empty):
+            ids = [self.dataset[int(r)]["image_id"] for r in empty[:5]]
+            raise ValueError(f"CaptionPairs: {len(empty)} image(s) have no caption, e.g. image_id(s) {ids}.")
+        self._ends = np.cumsum(self._counts)
+
+    def _caption_counts(self) -> np.ndarray:
+        lengths = self._raw.map(
+            lambda captions: {"n": [len(c) for c in captions]},
+            batched=True,
+            input_columns="captions",
+            remove_columns=self._raw.column_names,
+            keep_in_memory=True,
+        )["n"]
+        return np.asarray(lengths, dtype=np.int64)
+
+    @property
+    def num_images(self) -> int:
+        return len(self._counts)
+
+    @property
+    def num_captions(self) -> int:
+        return int(self._counts.sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used by the `one_per_image` caption choice."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_images if self.mode == "one_per_image" else self.num_captions
+
+    def _locate(self, index: int) -> tuple[int, int | None]:
+        """Item index -> (row, caption index or None for the epoch rule)."""
+        if self.mode == "one_per_image":
+            return index, None
+        row = int(np.searchsorted(self._ends, index, side="right"))
+        start = int(self._ends[row - 1]) if row > 0 else 0
+        return row, index - start
+
+    def _fetch(self, row: int, caption_index: int | None) -> dict[str, Any]:
+        record = self._raw[row]
+        image_id = str(record["image_id"])
+        image = decode_image(record["image"], image_id=image_id, row=row)
+        captions = record["captions"]
+        if caption_index is None:
+            caption_index = choose_caption_index(len(captions), seed=self.seed, epoch=self.epoch, row=row)
+        return {
+            "image": image,
+            "caption": captions[caption_index],
+            "image_index": row,
+            "image_id": image_id,
+            "translation": record.get("translation") if self._has_translation else None,
+        }
+
+    def _record_bad(self, row: int, err: ValueError) -> None:
+        if row not in self.bad_rows:
+            self.bad_rows[row] = str(err)
+            logger.warning(f"Skipping unreadable image ({len(self.bad_rows)} bad so far): {err}")
+        limit = self.max_bad_image_fraction * self.num_images
+        if len(self.bad_rows) > limit:
+            raise ValueError(
+                f"{len(self.bad_rows)} of {self.num_images} images are unreadable, more than "
+                f"max_bad_image_fraction={self.max_bad_image_fraction} of the split; last error: {err}"
+            ) from err
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = len(self)
+        if not -size <= index < size:
+            raise IndexError(f"index {index} out of range for CaptionPairs of length {size}.")
+        index %= size
+        for attempt in range(size):
+            row, caption_index = self._locate((index + attempt) % size)
+            if row in self.bad_rows:
+                continue
+            try:
+                item = self._fetch(row, caption_index)
+            except ValueError as err:
+                if self.on_bad_image == "raise":
+                    raise
+                self._record_bad(row, err)
+                continue
+            if attempt:
+                self.num_skipped += 1
+            return item
+        raise ValueError(f"CaptionPairs: no readable image in the whole split ({self.num_images} images).")
+
+
+class IterableCaptionPairs(torch.utils.data.IterableDataset):
+    """Streaming counterpart of `CaptionPairs` over a caption `datasets.IterableDataset`.
+
+    Rows are numbered in iteration order (`image_index`); captions are chosen with the same rule as `CaptionPairs`,
+    so for the same rows and epoch both yield the same items. `on_bad_image="skip"` drops unreadable rows, and raises
+    once the bad fraction of the rows seen exceeds `max_bad_image_fraction` (checked after at least
+    `1 / max_bad_image_fraction` rows, and at the end of the iteration). `set_epoch` is forwarded to the dataset so
+    its shuffling follows the epoch too. Under DataLoader workers each worker streams its own shards and numbers its
+    own rows, so `image_index` is unique within a batch but not across workers.
+    """
+
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        *,
+        mode: str = "one_per_image",
+        seed: int = 0,
+        on_bad_image: str = "raise",
+        max_bad_image_fraction: float = 0.01,
+    ) -> None:
+        if not isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"IterableCaptionPairs expects a datasets.IterableDataset, got {type(dataset).__name__}; "
+                "use CaptionPairs for a datasets.Dataset."
+            )
+        _check_options(mode, on_bad_image, max_bad_image_fraction)
+        _check_columns(dataset.column_names, dataset.features, "IterableCaptionPairs")
+        self.dataset = dataset
+        self.mode = mode
+        self.seed = int(seed)
+        self.on_bad_image = on_bad_image
+        self.max_bad_image_fraction = float(max_bad_image_fraction)
+        self.epoch = 0
+        self.num_seen = 0
+        self.num_skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.dataset.set_epoch(self.epoch)
+
+    def _check_fraction(self, err: Exception | None, *, final: bool) -> None:
+        if not self.num_skipped:
+            return
+        min_seen = math.ceil(1 / self.max_bad_image_fraction) if self.max_bad_image_fraction > 0 else 1
+        if (final or self.num_seen >= min_seen) and self.num_skipped > self.max_bad_image_fraction * self.num_seen:
+            raise ValueError(
+                f"{self.num_skipped} of {self.num_seen} streamed images were unreadable, more than "
+                f"max_bad_image_fraction={self.max_bad_image_fraction}" + (f"; last error: {err}" if err else ".")
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.num_seen = 0
+        self.num_skipped = 0
+        last_error: Exception | None = None
+        for row, record in enumerate(_undecoded(self.dataset)):
+            self.num_seen += 1
+            image_id = str(record["image_id"])
+            try:
+                image = decode_image(record["image"], image_id=image_id, row=row)
+            except ValueError as err:
+                if self.on_bad_image == "raise":
+                    raise
+                self.num_skipped += 1
+                last_error = err
+                logger.warning(f"Skipping unreadable image ({self.num_skipped} bad so far): {err}")
+                self._check_fraction(err, final=False)
+                continue
+            captions = record["captions"]
+            if not captions:
+                raise ValueError(f"IterableCaptionPairs: image_id={image_id!r} (row {row}) has no caption.")
+            if self.mode == "one_per_image":
+                indices = [choose_caption_index(len(captions), seed=self.seed, epoch=self.epoch, row=row)]
+            else:
+                indices = range(len(captions))
+            for caption_index in indices:
+                yield {
+                    "image": image,
+                    "caption": captions[caption_index],
+                    "image_index": row,
+                    "image_id": image_id,
+                    "translation": record.get("translation"),
+                }
+            self._check_fraction(last_error, final=False)
+        self._check_fraction(last_error, final=True)

@@ -1,0 +1,102 @@
+"""Check that a 2-process (gloo, CPU) training step equals the 1-process step on the concatenated batch.
+
+Run as ``torchrun --nproc_per_node 2 -m gapclip.testing_multiprocess SPEC.json OUT_DIR`` (each rank writes its
+loss, loss terms and DDP-averaged gradients), or call :func:`single_process_reference` for the 1-process side.
+Used by ``tests/multiprocess``; every registered term can be checked by passing its spec.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .configuration import GapClipConfig
+from .modeling import GapClipModel
+from .testing import tiny_clip_config, tiny_siglip_config
+
+GLOBAL_BATCH = 8
+TEACHER_DIM = 12
+
+
+def make_model(spec: dict[str, Any]) -> GapClipModel:
+    torch.manual_seed(spec.get("seed", 0))
+    backbone = tiny_siglip_config() if spec.get("backbone") == "siglip" else tiny_clip_config()
+    config = GapClipConfig(backbone, gap_terms=spec.get("gap_terms"), base_loss=spec.get("base_loss", "auto"))
+    model = GapClipModel(config)
+    model.eval()  # no dropout: the two runs must see the same function
+    # float64, so that summation order (which differs between 1 and 2 processes) stays far below the 1e-6 tolerance.
+    return model.double()
+
+
+def make_batch(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A deterministic global batch with every optional input the terms may read (shared image index 0 = 1)."""
+    generator = torch.Generator().manual_seed(spec.get("data_seed", 1))
+    n, length = GLOBAL_BATCH, 9
+    input_ids = torch.randint(4, 60, (n, length), generator=generator)
+    lengths = torch.randint(4, length + 1, (n,), generator=generator)
+    attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    input_ids[:, 0] = 2
+    input_ids[torch.arange(n), lengths - 1] = 3
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    translation_ids = torch.randint(4, 60, (n, 6), generator=generator)
+    translation_ids[:, 0], translation_ids[:, -1] = 2, 3
+    image_index = torch.arange(n)
+    if spec.get("shared_image", True):
+        image_index[1] = 0  # rows 0 and 1 show the same image: positives of each other
+    pixel_values = torch.randn(n, 3, 32, 32, generator=generator, dtype=torch.float64)
+    pixel_values[1] = pixel_values[0]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,
+        "image_index": image_index,
+        "translation_input_ids": translation_ids,
+        "translation_attention_mask": torch.ones_like(translation_ids),
+        "has_translation": torch.ones(n, dtype=torch.bool),
+        "teacher_image_embeds": torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=generator, dtype=torch.float64), dim=-1),
+        "teacher_text_embeds": torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=generator, dtype=torch.float64), dim=-1),
+    }
+
+
+def _step(model: GapClipModel, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    outputs = model(**batch, return_loss=True)
+    outputs.loss.backward()
+    values = {"loss": outputs.loss.item(), **{k: v.item() for k, v in outputs.loss_terms.items()}}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return values, grads
+
+
+def single_process_reference(spec: dict[str, Any]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    return _step(make_model(spec), make_batch(spec))
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = json.loads(Path(spec_path).read_text())
+    model = make_model(spec)
+    batch = make_batch(spec)
+    # Uneven split on purpose (the last batch of an epoch): rank 0 gets 5 rows, rank 1 gets 3.
+    bounds = [0, 5, GLOBAL_BATCH] if world == 2 else torch.linspace(0, GLOBAL_BATCH, world + 1).long().tolist()
+    local = {k: v[bounds[rank] : bounds[rank + 1]] for k, v in batch.items()}
+    values, grads = _step(model, local)
+    for name in sorted(grads):  # what DDP does: average the gradients over processes
+        dist.all_reduce(grads[name])
+        grads[name] /= world
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in grads.items()}, str(out / f"grads_rank{rank}.safetensors"))
+    (out / f"values_rank{rank}.json").write_text(json.dumps(values))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
