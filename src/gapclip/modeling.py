@@ -157,7 +157,6 @@ class GapClipModel(GapClipPreTrainedModel):
         has_translation: torch.BoolTensor | None = None,
         teacher_image_embeds: torch.FloatTensor | None = None,
         teacher_text_embeds: torch.FloatTensor | None = None,
-        **kwargs,
     ) -> GapClipOutput:
         r"""
         Args:

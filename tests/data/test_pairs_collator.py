@@ -230,7 +230,7 @@ def test_image_and_text_collators(demo_processor):
     images = [PILImage.new("L", (40, 50)), PILImage.new("RGBA", (32, 32))]
     assert ImageCollator(demo_processor)(images)["pixel_values"].shape == (2, 3, 32, 32)
     text = TextCollator(demo_processor)(["a red circle", "two shapes on a grey background: a blue star"])
-    assert set(text) == {"input_ids", "attention_mask"} and text["input_ids"].shape[0] == 2
+    assert set(text) == {"input_ids", "attention_mask", "word_mask"} and text["input_ids"].shape[0] == 2
     assert text["attention_mask"][0].sum().item() == 5
     with pytest.raises(TypeError, match=r"texts \[1\]"):
         TextCollator(demo_processor)(["a", 3])

@@ -80,6 +80,7 @@ def _encode_texts(
         truncation=max_length is not None,
         max_length=max_length,
         return_tensors="pt",
+        return_special_tokens_mask=True,
     )
     if max_length is not None:
         mask = encoded.get("attention_mask")
@@ -100,6 +101,10 @@ def _encode_texts(
     out = {f"{prefix}input_ids": encoded["input_ids"]}
     if "attention_mask" in encoded:
         out[f"{prefix}attention_mask"] = encoded["attention_mask"]
+    if not prefix and "special_tokens_mask" in encoded:
+        # Word tokens for the local-feature terms: the tokenizer knows its own special tokens.
+        attended = encoded["attention_mask"].bool() if "attention_mask" in encoded else True
+        out["word_mask"] = attended & ~encoded["special_tokens_mask"].bool()
     return out
 
 

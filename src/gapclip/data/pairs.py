@@ -35,7 +35,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["CaptionPairs", "IterableCaptionPairs", "choose_caption_index", "decode_image"]
 
 _MODES = ("one_per_image", "all_pairs")
-_ON_BAD_IMAGE = ("raise", "skip")
+_ON_BAD_IMAGE = ("error", "skip")
 
 
 def choose_caption_index(num_captions: int, *, seed: int, epoch: int, row: int) -> int:
@@ -118,10 +118,11 @@ class CaptionPairs(torch.utils.data.Dataset):
         mode: `"one_per_image"` (default; `len` = number of images, one caption per image chosen by
             `choose_caption_index(seed, epoch, row)`) or `"all_pairs"` (`len` = total number of captions).
         seed: seed of the caption choice.
-        on_bad_image: `"raise"` (default) or `"skip"` (serve the next readable item instead).
+        on_bad_image: `"error"` (default) or `"skip"` (serve the next readable item instead).
         max_bad_image_fraction: in skip mode, raise once more than this fraction of the split's images is unreadable.
 
-    Items: `{"image": PIL.Image (RGB), "caption": str, "image_index": int (row in the split), "image_id": str,
+    Items: `{"image": PIL.Image (RGB), "caption": str, "caption_index": int, "image_index": int (row in the split),
+    "image_id": str,
     "translation": str | None}`. Call `set_epoch(epoch)` at the start of every epoch. With DataLoader workers, each
     worker keeps its own bad-image counters.
     """
@@ -132,7 +133,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         *,
         mode: str = "one_per_image",
         seed: int = 0,
-        on_bad_image: str = "raise",
+        on_bad_image: str = "error",
         max_bad_image_fraction: float = 0.01,
     ) -> None:
         if not isinstance(dataset, Dataset):
@@ -202,6 +203,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         return {
             "image": image,
             "caption": captions[caption_index],
+            "caption_index": caption_index,
             "image_index": row,
             "image_id": image_id,
             "translation": record.get("translation") if self._has_translation else None,
@@ -230,7 +232,7 @@ class CaptionPairs(torch.utils.data.Dataset):
             try:
                 item = self._fetch(row, caption_index)
             except ValueError as err:
-                if self.on_bad_image == "raise":
+                if self.on_bad_image == "error":
                     raise
                 self._record_bad(row, err)
                 continue
@@ -257,7 +259,7 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
         *,
         mode: str = "one_per_image",
         seed: int = 0,
-        on_bad_image: str = "raise",
+        on_bad_image: str = "error",
         max_bad_image_fraction: float = 0.01,
     ) -> None:
         if not isinstance(dataset, IterableDataset):
@@ -300,7 +302,7 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
             try:
                 image = decode_image(record["image"], image_id=image_id, row=row)
             except ValueError as err:
-                if self.on_bad_image == "raise":
+                if self.on_bad_image == "error":
                     raise
                 self.num_skipped += 1
                 last_error = err
@@ -318,6 +320,7 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
                 yield {
                     "image": image,
                     "caption": captions[caption_index],
+                    "caption_index": caption_index,
                     "image_index": row,
                     "image_id": image_id,
                     "translation": record.get("translation"),

@@ -1,0 +1,307 @@
+"""What the training recipes share: argument dataclasses, data/model set-up and the train → evaluate run.
+
+Each recipe (``recipes/train_clip_lgmgc.py`` ...) only adds a dataclass of its method's options and turns it into
+the ``gap_terms`` list; everything else is here, so the three recipes behave the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers import AutoConfig, AutoProcessor, CLIPConfig, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .configuration import GapClipConfig, check_dual_encoder_config
+from .data import CaptionPairs, GapClipCollator, IterableCaptionPairs, load_caption_dataset, make_demo_processor
+from .data.demo import make_demo_dataset
+from .evaluation import format_retrieval_table
+from .modeling import GapClipModel
+from .trainer import GapClipTrainer
+
+logger = logging.get_logger(__name__)
+
+DATASET_SOURCES = ("demo", "karpathy", "hub", "csv", "jsonl")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pretrained dual encoder (Hub id such as openai/clip-vit-base-patch16, or a folder), or a gapclip "
+            "checkpoint. Default: a small CLIP trained from scratch on the demo data."
+        },
+    )
+    processor_name_or_path: str | None = field(default=None, metadata={"help": "Processor, if not the model's."})
+    base_loss: str = field(default="auto", metadata={"help": "auto | infonce | sigmoid | triplet"})
+    triplet_margin: float = field(default=0.2, metadata={"help": "Margin α of the triplet base loss."})
+    triplet_mining: str = field(default="hardest", metadata={"help": "hardest | sum (negatives of the triplet loss)."})
+    scratch_width: int = field(default=128, metadata={"help": "Width of the from-scratch demo CLIP towers."})
+    scratch_layers: int = field(default=3, metadata={"help": "Layers per tower of the from-scratch demo CLIP."})
+    gap_terms: str | None = field(
+        default=None,
+        metadata={"help": "Extra terms as JSON, e.g. '[{\"name\": \"lsc\", \"weight\": 1.0}]' (added to the recipe's)."},
+    )
+
+    def __post_init__(self):
+        if self.base_loss not in ("auto", "infonce", "sigmoid", "triplet"):
+            raise ValueError(f"--base_loss must be auto, infonce, sigmoid or triplet, got {self.base_loss!r}.")
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="demo", metadata={"help": f"One of {', '.join(DATASET_SOURCES)}."})
+    karpathy_json: str | None = field(default=None, metadata={"help": "dataset_flickr30k.json / dataset_coco.json."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder the image paths are relative to."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset name, save_to_disk folder or parquet file (--dataset hub)."}
+    )
+    data_file: str | None = field(default=None, metadata={"help": "CSV or JSONL file (--dataset csv|jsonl)."})
+    image_column: str = field(default="image", metadata={"help": "Image column (hub/csv/jsonl)."})
+    caption_column: str = field(default="caption", metadata={"help": "Caption column (hub/csv/jsonl)."})
+    id_column: str | None = field(default=None, metadata={"help": "Image id column (default: row index)."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str = field(default="validation", metadata={"help": "Split evaluated during training."})
+    test_split: str = field(default="test", metadata={"help": "Split of the before/after retrieval table."})
+    translations: str | None = field(default=None, metadata={"help": "JSONL of {image_id, translation} (LG-MGC GST)."})
+    pair_mode: str = field(default="one_per_image", metadata={"help": "one_per_image (per epoch) | all_pairs"})
+    max_length: int | None = field(default=None, metadata={"help": "Token limit (default: the tokenizer's)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the training split (data too big for disk)."})
+    on_bad_image: str = field(default="error", metadata={"help": "error | skip (unreadable training images)."})
+    max_bad_image_fraction: float = field(default=0.01, metadata={"help": "With skip: stop past this share."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation images."})
+    demo_train: int = field(default=2000, metadata={"help": "Demo data: training images."})
+    demo_val: int = field(default=500, metadata={"help": "Demo data: validation images."})
+    demo_test: int = field(default=1000, metadata={"help": "Demo data: test images."})
+    demo_image_size: int = field(default=64, metadata={"help": "Demo data: image size in pixels."})
+    coco_1k: bool = field(default=False, metadata={"help": "Also report the COCO 1K protocol (5 folds)."})
+    skip_initial_eval: bool = field(default=False, metadata={"help": "Skip the 'before training' evaluation."})
+
+    def __post_init__(self):
+        if self.dataset not in DATASET_SOURCES:
+            raise ValueError(f"--dataset must be one of {list(DATASET_SOURCES)}, got {self.dataset!r}.")
+        if self.dataset == "karpathy" and not (self.karpathy_json and self.image_root):
+            raise ValueError("--dataset karpathy needs --karpathy_json FILE and --image_root FOLDER.")
+        if self.dataset == "hub" and not self.dataset_name:
+            raise ValueError("--dataset hub needs --dataset_name (Hub name, save_to_disk folder or parquet file).")
+        if self.dataset in ("csv", "jsonl") and not (self.data_file and self.image_root):
+            raise ValueError(f"--dataset {self.dataset} needs --data_file FILE and --image_root FOLDER.")
+        if self.pair_mode not in ("one_per_image", "all_pairs"):
+            raise ValueError(f"--pair_mode must be one_per_image or all_pairs, got {self.pair_mode!r}.")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ValueError(f"--on_bad_image must be error or skip, got {self.on_bad_image!r}.")
+
+
+@dataclass
+class GapClipTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults that fit the offline demo and contrastive training."""
+
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Where checkpoints and results go."})
+    num_train_epochs: float = field(default=8.0, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1 is a fraction)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to run retrieval evaluation."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    metric_for_best_model: str | None = field(default="rsum", metadata={"help": "Checkpoint selection metric."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint at the end."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads images."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.remove_unused_columns:
+            raise ValueError("--remove_unused_columns must be False: the collator needs the image and caption columns.")
+
+
+def parse_args(method_dataclass: type, argv: list[str] | None = None) -> tuple[Any, ...]:
+    """CLI flags, or a single YAML/JSON config file, into (model, data, method, training) arguments."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, method_dataclass, GapClipTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_datasets(data_args: DataArguments, *, streaming: bool = False):
+    """The caption DatasetDict for ``data_args`` (demo data generated offline and cached on first use)."""
+    common: dict[str, Any] = {"streaming": streaming}
+    if data_args.translations:
+        common["translations"] = data_args.translations
+    if data_args.dataset == "demo":
+        return load_caption_dataset(
+            "demo", num_train=data_args.demo_train, num_val=data_args.demo_val, num_test=data_args.demo_test,
+            image_size=data_args.demo_image_size, streaming=streaming,
+        )
+    if data_args.dataset == "karpathy":
+        return load_caption_dataset("karpathy", data_args.karpathy_json, data_args.image_root, **common)
+    if data_args.dataset == "hub":
+        return load_caption_dataset(
+            "hub", data_args.dataset_name, image_column=data_args.image_column,
+            caption_column=data_args.caption_column, id_column=data_args.id_column, image_root=data_args.image_root,
+            **common,
+        )
+    return load_caption_dataset(
+        data_args.dataset, data_args.data_file, data_args.image_root, image_column=data_args.image_column,
+        caption_column=data_args.caption_column, id_column=data_args.id_column, **common,
+    )
+
+
+def demo_root(data_args: DataArguments) -> Path:
+    return make_demo_dataset(
+        num_train=data_args.demo_train, num_val=data_args.demo_val, num_test=data_args.demo_test,
+        image_size=data_args.demo_image_size,
+    )
+
+
+def scratch_clip_config(processor: Any, image_size: int, width: int, layers: int) -> CLIPConfig:
+    """A small CLIP for training from scratch on the demo data (64 px images, the demo word-level vocabulary)."""
+    tokenizer = processor.tokenizer
+    tower = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": max(width // 32, 1),
+             "intermediate_size": 4 * width}
+    text = {**tower, "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+    vision = {**tower, "image_size": image_size, "patch_size": 8}
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
+
+
+def build_model_and_processor(
+    model_args: ModelArguments, data_args: DataArguments, gap_terms: list[dict[str, Any]]
+) -> tuple[GapClipModel, Any]:
+    config_kwargs = {
+        "gap_terms": gap_terms, "base_loss": model_args.base_loss, "triplet_margin": model_args.triplet_margin,
+        "triplet_mining": model_args.triplet_mining,
+    }
+    path = model_args.model_name_or_path
+    if path is None:
+        if data_args.dataset != "demo":
+            raise ValueError("--model_name_or_path is required unless training on --dataset demo.")
+        processor = make_demo_processor(demo_root(data_args))
+        backbone_config = scratch_clip_config(
+            processor, data_args.demo_image_size, model_args.scratch_width, model_args.scratch_layers
+        )
+        return GapClipModel(GapClipConfig(backbone_config, **config_kwargs)), processor
+    processor = AutoProcessor.from_pretrained(model_args.processor_name_or_path or path)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == GapClipConfig.model_type:
+        # Continue from a gapclip checkpoint, with this run's objective.
+        model = GapClipModel.from_pretrained(path)
+        if gap_terms != model.config.gap_terms or model_args.base_loss != model.config.base_loss:
+            new_config = GapClipConfig(model.config.backbone_config, **config_kwargs)
+            model = GapClipModel(new_config, backbone=model.backbone)
+        return model, processor
+    check_dual_encoder_config(config, source=f"--model_name_or_path {path}")
+    return GapClipModel.from_backbone(path, **config_kwargs), processor
+
+
+def merge_gap_terms(recipe_terms: list[dict[str, Any]], extra_json: str | None) -> list[dict[str, Any]]:
+    extra = json.loads(extra_json) if extra_json else []
+    if not isinstance(extra, list):
+        raise ValueError(f"--gap_terms must be a JSON list of terms, got {extra_json!r}.")
+    return [*recipe_terms, *extra]
+
+
+def _limit(dataset, n: int | None):
+    return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: GapClipTrainingArguments,
+    gap_terms: list[dict[str, Any]],
+    *,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
+    """Train with the recipe's objective and print the before/after retrieval table; returns all metrics."""
+    # 1. logging and seed
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    set_seed(training_args.seed)
+
+    # 2. resume
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train is not False:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint or last_checkpoint
+
+    # 3. data
+    datasets = load_datasets(data_args)
+    for name in (data_args.train_split, data_args.eval_split, data_args.test_split):
+        if name not in datasets:
+            raise ValueError(f"Split {name!r} not in the dataset; it has {sorted(datasets)}.")
+    train = _limit(datasets[data_args.train_split], data_args.max_train_samples)
+    evaluation = _limit(datasets[data_args.eval_split], data_args.max_eval_samples)
+    test = _limit(datasets[data_args.test_split], data_args.max_eval_samples)
+    pair_options = {
+        "mode": data_args.pair_mode, "seed": training_args.seed, "on_bad_image": data_args.on_bad_image,
+        "max_bad_image_fraction": data_args.max_bad_image_fraction,
+    }
+    if data_args.streaming:
+        if training_args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs with.")
+        pairs = IterableCaptionPairs(load_datasets(data_args, streaming=True)[data_args.train_split], **pair_options)
+    else:
+        pairs = CaptionPairs(train, **pair_options)
+
+    # 4. model and collator
+    model, processor = build_model_and_processor(model_args, data_args, merge_gap_terms(gap_terms, model_args.gap_terms))
+    padding = "max_length" if model.config.backbone_config.model_type in ("siglip", "siglip2") else "longest"
+    collator = GapClipCollator(processor, max_length=data_args.max_length, padding=padding)
+    logger.info(f"Objective: base={model.config.resolved_base_loss}, terms={model.config.gap_terms}")
+
+    # 5. trainer
+    trainer = GapClipTrainer(
+        model=model, args=training_args, train_dataset=pairs, eval_dataset=evaluation, data_collator=collator,
+        processing_class=processor, processor=processor, coco_1k=data_args.coco_1k, callbacks=callbacks,
+    )
+    if training_args.per_device_train_batch_size * training_args.world_size < 2:
+        raise ValueError(
+            "A contrastive objective needs at least 2 pairs per global batch; got per_device_train_batch_size="
+            f"{training_args.per_device_train_batch_size} × {training_args.world_size} process(es)."
+        )
+
+    # 6. before / train / after
+    rows: dict[str, dict[str, float]] = {}
+    if not data_args.skip_initial_eval and resume is None:
+        rows["before training"] = _strip(trainer.evaluate(test, metric_key_prefix="test"), "test")
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    after = trainer.evaluate(test, metric_key_prefix="test")
+    trainer.log_metrics("test", after)
+    trainer.save_metrics("test", after)
+    rows["after training"] = _strip(after, "test")
+
+    # 7. report
+    table = format_retrieval_table(rows, title=f"Retrieval on the {data_args.dataset} {data_args.test_split} split")
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir, "retrieval.md").write_text(table + "\n")
+        Path(training_args.output_dir, "retrieval.json").write_text(json.dumps(rows, indent=2))
+        print(table, flush=True)  # the recipe's result, for the person who ran it
+    return {"rows": rows, "train": train_result.metrics, "trainer": trainer}
+
+
+def _strip(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {key[len(prefix) + 1 :]: value for key, value in metrics.items() if key.startswith(prefix + "_")}
+
