@@ -49,8 +49,8 @@ class LGMGCArguments:
 
 
 def main(argv: list[str] | None = None):
-    model_args, data_args, method_args, training_args = parse_args(LGMGCArguments, argv)
-    return run_training(model_args, data_args, training_args, method_args.gap_terms())
+    model_args, data_args, method_args, lora_args, training_args = parse_args(LGMGCArguments, argv)
+    return run_training(model_args, data_args, training_args, method_args.gap_terms(), lora_args=lora_args)
 
 
 if __name__ == "__main__":

@@ -128,9 +128,45 @@ class GapClipTrainingArguments(TrainingArguments):
             raise ValueError("--remove_unused_columns must be False: the collator needs the image and caption columns.")
 
 
+@dataclass
+class LoraArguments:
+    """LoRA fine-tuning of the backbone (``gapclip.lora``); off unless ``--lora_r`` > 0."""
+
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full backbone (no LoRA)."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (update scale alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module-name suffixes (q_proj,v_proj) or one regular expression; default: "
+            "every attention projection of both towers."
+        },
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Merge the adapters into the backbone before the final save."}
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+    @property
+    def target_modules(self) -> str | list[str] | None:
+        value = self.lora_target_modules
+        if not value or not value.strip():
+            return None
+        if "," in value or value.replace("_", "").isalnum():
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+
 def parse_args(method_dataclass: type, argv: list[str] | None = None) -> tuple[Any, ...]:
-    """CLI flags, or a single YAML/JSON config file, into (model, data, method, training) arguments."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, method_dataclass, GapClipTrainingArguments))
+    """CLI flags, or a single YAML/JSON config file, into (model, data, method, lora, training) arguments."""
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, method_dataclass, LoraArguments, GapClipTrainingArguments)
+    )
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(os.path.abspath(argv[0]))
@@ -229,8 +265,16 @@ def run_training(
     gap_terms: list[dict[str, Any]],
     *,
     callbacks: list | None = None,
+    lora_args: LoraArguments | None = None,
+    teacher_store: Any = None,
+    batch_sampler_factory: Any = None,
 ) -> dict[str, Any]:
-    """Train with the recipe's objective and print the before/after retrieval table; returns all metrics."""
+    """Train with the recipe's objective and print the before/after retrieval table; returns all metrics.
+
+    With ``lora_args.lora_r > 0`` only LoRA adapters (+ logit scale and the terms' own parameters) are trained. At the
+    end the backbone is exported in its native format to ``output_dir/export`` (see :func:`gapclip.hub.export_backbone`)
+    and, with ``--push_to_hub``, that export (not the training wrapper) is pushed to ``--hub_model_id``.
+    """
     # 1. logging and seed
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
@@ -265,13 +309,21 @@ def run_training(
     # 4. model and collator
     model, processor = build_model_and_processor(model_args, data_args, merge_gap_terms(gap_terms, model_args.gap_terms))
     padding = "max_length" if model.config.backbone_config.model_type in ("siglip", "siglip2") else "longest"
-    collator = GapClipCollator(processor, max_length=data_args.max_length, padding=padding)
+    collator = GapClipCollator(processor, max_length=data_args.max_length, padding=padding, teacher_store=teacher_store)
     logger.info(f"Objective: base={model.config.resolved_base_loss}, terms={model.config.gap_terms}")
+    model = _maybe_apply_lora(model, lora_args)
 
-    # 5. trainer
+    # 5. trainer (a recipe may bring its own batch sampler, e.g. DIAS's K-means neighbour batches)
+    callbacks = list(callbacks or [])
+    batch_sampler = None
+    if batch_sampler_factory is not None:
+        batch_sampler, sampler_callbacks = batch_sampler_factory(train, model, processor, training_args)
+        callbacks.extend(sampler_callbacks)
+    push_to_hub = _take_over_push(training_args)
     trainer = GapClipTrainer(
         model=model, args=training_args, train_dataset=pairs, eval_dataset=evaluation, data_collator=collator,
         processing_class=processor, processor=processor, coco_1k=data_args.coco_1k, callbacks=callbacks,
+        train_batch_sampler=batch_sampler,
     )
     if training_args.per_device_train_batch_size * training_args.world_size < 2:
         raise ValueError(
@@ -284,6 +336,8 @@ def run_training(
     if not data_args.skip_initial_eval and resume is None:
         rows["before training"] = _strip(trainer.evaluate(test, metric_key_prefix="test"), "test")
     train_result = trainer.train(resume_from_checkpoint=resume)
+    if lora_args is not None and lora_args.merge_lora:
+        _merge_lora(model)
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
@@ -299,9 +353,75 @@ def run_training(
         Path(training_args.output_dir, "retrieval.md").write_text(table + "\n")
         Path(training_args.output_dir, "retrieval.json").write_text(json.dumps(rows, indent=2))
         print(table, flush=True)  # the recipe's result, for the person who ran it
-    return {"rows": rows, "train": train_result.metrics, "trainer": trainer}
+
+    # 8. release export (the native backbone + card) and push
+    export_dir = None
+    if trainer.is_world_process_zero():
+        export_dir = _export_and_push(model, processor, data_args, training_args, rows, push_to_hub)
+    return {"rows": rows, "train": train_result.metrics, "trainer": trainer, "export_dir": export_dir}
 
 
 def _strip(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {key[len(prefix) + 1 :]: value for key, value in metrics.items() if key.startswith(prefix + "_")}
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA and release export (gapclip.lora, gapclip.hub)
+# ---------------------------------------------------------------------------------------------------------------------
+def _maybe_apply_lora(model: GapClipModel, lora_args: LoraArguments | None) -> GapClipModel:
+    if lora_args is None or lora_args.lora_r == 0:
+        return model
+    from .lora import apply_lora, is_lora_model, trainable_parameter_summary
+
+    if not is_lora_model(model):
+        apply_lora(
+            model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
+            target_modules=lora_args.target_modules,
+        )
+    trainable, total, pct = trainable_parameter_summary(model)
+    logger.info(f"LoRA: training {trainable:,} of {total:,} parameters ({pct:.2f}%).")
+    return model
+
+
+def _merge_lora(model: GapClipModel) -> None:
+    from .lora import merge_lora
+
+    merge_lora(model)
+
+
+def _take_over_push(training_args: GapClipTrainingArguments) -> bool:
+    """Keep the Trainer from pushing the training wrapper: gapclip pushes the exported backbone at the end."""
+    push_to_hub = bool(training_args.push_to_hub)
+    training_args.push_to_hub = False
+    return push_to_hub
+
+
+def _export_and_push(
+    model: GapClipModel, processor: Any, data_args: DataArguments, training_args: GapClipTrainingArguments,
+    rows: dict[str, dict[str, float]], push_to_hub: bool,
+) -> Path:
+    from .hub import export_backbone, push_exported
+
+    repo_id = training_args.hub_model_id or (Path(training_args.output_dir).name if push_to_hub else None)
+    export_dir = export_backbone(
+        model, Path(training_args.output_dir, "export"), processor=processor,
+        eval_results={_eval_dataset_name(data_args): rows["after training"]}, eval_split=data_args.test_split,
+        training_args=training_args, repo_id=repo_id,
+    )
+    if push_to_hub:
+        push_exported(
+            export_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo,
+            commit_message="End of training",
+        )
+        training_args.push_to_hub = True
+    return export_dir
+
+
+def _eval_dataset_name(data_args: DataArguments) -> str:
+    if data_args.dataset == "karpathy":
+        return Path(data_args.karpathy_json).stem.removeprefix("dataset_")
+    if data_args.dataset == "hub":
+        return data_args.dataset_name
+    if data_args.dataset in ("csv", "jsonl"):
+        return Path(data_args.data_file).stem
+    return "gapclip-demo"

@@ -72,14 +72,20 @@ class GapClipConfig(PretrainedConfig):
             raise ValueError(f"base_loss must be one of {list(BASE_LOSS_NAMES)}, got {base_loss!r}.")
         if not (math.isfinite(logit_scale_max) and logit_scale_max > 0):
             raise ValueError(f"logit_scale_max must be finite and > 0, got {logit_scale_max}.")
+        # PretrainedConfig.__init__ sets `_attn_implementation` (None unless given) recursively on the sub-configs: run it
+        # before attaching the backbone config, which may be shared with a live backbone (`from_backbone`) whose
+        # attention implementation must survive (with None, BERT towers ignore their padding mask).
+        attn_implementation = kwargs.get("attn_implementation")
+        super().__init__(**kwargs)
         self.backbone_config = backbone_config
+        if attn_implementation is not None:
+            self._attn_implementation = attn_implementation
         self.base_loss = base_loss
         self.gap_terms = validate_term_specs(gap_terms)
         self.triplet_margin = triplet_margin
         self.triplet_mining = triplet_mining
         self.gather_with_grad = gather_with_grad
         self.logit_scale_max = logit_scale_max
-        super().__init__(**kwargs)
 
     @property
     def resolved_base_loss(self) -> str:

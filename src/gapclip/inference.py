@@ -108,6 +108,23 @@ def embed_caption_dataset(
     return EmbeddedCaptions(image_embeds, text_embeds, torch.tensor(text_to_image, dtype=torch.long))
 
 
+def embed_images(
+    model: Any, dataset: Dataset, processor: Any, *, batch_size: int = 64, show_progress: bool = True
+) -> torch.Tensor:
+    """Normalised image embeddings ``[N, D]`` of every row of a caption dataset, in row order (this process)."""
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(_Images(dataset), batch_size=batch_size, collate_fn=ImageCollator(processor))
+    was_training = model.training
+    model.eval()
+    try:
+        return _embed(
+            loader, lambda batch: model.get_image_features(pixel_values=batch["pixel_values"].to(device)), None,
+            "Embedding images", not show_progress,
+        )
+    finally:
+        model.train(was_training)
+
+
 def retrieval_report(
     embedded: EmbeddedCaptions, *, chunk_size: int = 1024, gap_pairs: int = 1000, coco_1k: bool = False
 ) -> dict[str, float]:

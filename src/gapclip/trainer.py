@@ -19,14 +19,15 @@ logger = logging.get_logger(__name__)
 
 
 class EpochCallback(TrainerCallback):
-    """Tells the training pairs which epoch it is, so the caption drawn per image is reproducible on resume."""
+    """Tells the training pairs (and a batch sampler) which epoch it is, so the caption drawn per image and the
+    batch order are reproducible on resume."""
 
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
+    def __init__(self, *targets: Any):
+        self.targets = [target for target in targets if hasattr(target, "set_epoch")]
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(int(math.floor(state.epoch or 0)))
+        for target in self.targets:
+            target.set_epoch(int(math.floor(state.epoch or 0)))
 
 
 class GapClipTrainer(Trainer):
@@ -47,6 +48,8 @@ class GapClipTrainer(Trainer):
         modality_gap_pairs: pairs used for the modality gap (1000 as in the LG-MGC supplement).
         coco_1k: also report the COCO 1K protocol (mean over 5 folds), prefixed ``1k_``.
         eval_loss_terms: also compute the loss terms on (image, first caption) pairs of the evaluation set.
+        train_batch_sampler: a batch sampler that yields this process' share of each global batch (e.g. DIAS's
+            :class:`~gapclip.data.kmeans_sampler.KMeansBatchSampler`); used as it is, not re-sharded.
     """
 
     def __init__(
@@ -57,9 +60,11 @@ class GapClipTrainer(Trainer):
         modality_gap_pairs: int = 1000,
         coco_1k: bool = False,
         eval_loss_terms: bool = True,
+        train_batch_sampler: Any = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.train_batch_sampler = train_batch_sampler
         self.processor = processor if processor is not None else self.processing_class
         self.eval_chunk_size = eval_chunk_size
         self.modality_gap_pairs = modality_gap_pairs
@@ -69,8 +74,18 @@ class GapClipTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_count = 0
-        if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
-            self.add_callback(EpochCallback(self.train_dataset))
+        self.add_callback(EpochCallback(self.train_dataset, self.train_batch_sampler))
+
+    def get_train_dataloader(self):
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        # The sampler already hands each process its slice of the global batch: no accelerate re-sharding. The
+        # Trainer still moves every batch to the device (`_prepare_inputs`).
+        return torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=self.train_batch_sampler, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -118,6 +118,7 @@ class GapClipCollator:
             one-time warning.
         padding: passed to the tokenizer; `"longest"` (default) or `"max_length"` (needed by SigLIP, which was
             trained on max-length padded text).
+        teacher_store: a `gapclip.teachers.TeacherStore`; adds `teacher_image_embeds`/`teacher_text_embeds` (CUSA).
 
     Returns a dict with `input_ids`, `attention_mask` (if the tokenizer makes one), `pixel_values`, `image_index`
     (LongTensor), `return_loss=True`, and when any item has a translation: `translation_input_ids`,
@@ -127,6 +128,7 @@ class GapClipCollator:
     processor: Any
     max_length: int | None = None
     padding: Any = "longest"
+    teacher_store: Any = None
 
     def __post_init__(self) -> None:
         if self.padding not in _PADDING:
@@ -164,6 +166,13 @@ class GapClipCollator:
                 )
             )
             batch["has_translation"] = torch.tensor([t is not None for t in translations], dtype=torch.bool)
+        if self.teacher_store is not None:
+            # CUSA: precomputed teacher embeddings of each row's image and caption (gapclip.teachers.TeacherStore).
+            batch.update(
+                self.teacher_store.lookup(
+                    [str(item["image_id"]) for item in items], [int(item["caption_index"]) for item in items]
+                )
+            )
         batch["return_loss"] = True
         return batch
 

@@ -121,7 +121,18 @@ class TripletLoss(nn.Module):
     showing another image):
 
     - ``mining="hardest"``: the hardest negative per query (VSE++ max violation);
-    - ``mining="sum"``: the sum over all negatives.
+    - ``mining="sum"``: the sum over all negatives;
+    - ``mining="distance_weighted"``: one negative per query *sampled* with distance-weighted sampling (Wu et al.
+      2017, the sampler DIAS Eq. 3 uses). With ``D`` the embedding dimension and ``δ = ‖a - b‖ = sqrt(2 - 2σ)`` the
+      distance of normalised embeddings, a negative is drawn with probability ``∝ min(λ, q(δ)⁻¹)`` where
+      ``q(δ) ∝ δ^(D-2) (1 - δ²/4)^((D-3)/2)`` is the density of pairwise distances of points uniform on the unit
+      sphere; as in Wu et al., ``δ`` is clipped below at ``distance_cutoff`` (0.5, this plays the role of λ) and
+      negatives at ``δ >= nonzero_loss_cutoff`` (1.4) get weight 0 (a query with no such negative samples uniformly
+      among its negatives). Weights are normalised in log space. Sampling uses a CPU ``torch.Generator`` seeded
+      with ``seed + call_count`` (``call_count`` counts forward calls of this module), so a run is reproducible
+      and every process of a data-parallel run draws the same negatives for the (identical) global batch; the count
+      is not checkpointed, so a resumed run draws a fresh but still deterministic stream. Sampling is not
+      differentiable; the gradient flows through the hinge of the sampled negative.
 
     Our reading: the per-pair losses are *averaged* over the batch (VSE++ sums them); the optimum is the same
     and the scale does not grow with the batch size when gap terms are added.
@@ -131,28 +142,56 @@ class TripletLoss(nn.Module):
 
     Args:
         margin: α, the hinge margin (default 0.2 as in VSE++).
-        mining: ``"hardest"`` or ``"sum"``.
+        mining: ``"hardest"``, ``"sum"`` or ``"distance_weighted"``.
+        seed: base seed of the distance-weighted sampler (default 0).
+        distance_cutoff: lower clip of the distance in distance-weighted sampling (default 0.5, Wu et al.).
+        nonzero_loss_cutoff: negatives at this distance or more are not sampled (default 1.4, Wu et al.).
     """
 
     name: ClassVar[str] = "triplet"
     citation: ClassVar[str] = VSEPP_CITATION
-    MINING: ClassVar[tuple[str, ...]] = ("hardest", "sum")
+    MINING: ClassVar[tuple[str, ...]] = ("hardest", "sum", "distance_weighted")
 
-    def __init__(self, margin: float = 0.2, mining: str = "hardest"):
+    def __init__(
+        self, margin: float = 0.2, mining: str = "hardest", *, seed: int = 0, distance_cutoff: float = 0.5,
+        nonzero_loss_cutoff: float = 1.4,
+    ):
         super().__init__()
         if mining not in self.MINING:
             raise ValueError(f"triplet mining must be one of {list(self.MINING)}, got {mining!r}.")
         if margin < 0:
             raise ValueError(f"triplet margin must be >= 0, got {margin}.")
+        if not 0 <= distance_cutoff < nonzero_loss_cutoff:
+            raise ValueError(
+                f"triplet distance_cutoff must be >= 0 and < nonzero_loss_cutoff, got {distance_cutoff} and "
+                f"{nonzero_loss_cutoff}."
+            )
         self.margin = margin
         self.mining = mining
+        self.seed = seed
+        self.distance_cutoff = distance_cutoff
+        self.nonzero_loss_cutoff = nonzero_loss_cutoff
+        self.call_count = 0
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         scores = batch.image_embeds @ batch.text_embeds.t()
-        return self.compute_loss_from_scores(scores, batch.positive_mask)
+        generator = None
+        if self.mining == "distance_weighted":
+            generator = torch.Generator().manual_seed(self.seed + self.call_count)
+            self.call_count += 1
+        return self.compute_loss_from_scores(
+            scores, batch.positive_mask, embed_dim=batch.image_embeds.shape[1], generator=generator
+        )
 
-    def compute_loss_from_scores(self, scores: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
-        """``scores[i, j] = σ(V_i, T_j)``; the diagonal holds the positive pairs."""
+    def compute_loss_from_scores(
+        self, scores: torch.Tensor, positive_mask: torch.Tensor, *, embed_dim: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``scores[i, j] = σ(V_i, T_j)`` (cosine); the diagonal holds the positive pairs.
+
+        ``embed_dim`` (the ``D`` of the sphere density) and ``generator`` are used by ``"distance_weighted"`` only
+        (``embed_dim`` is required there; without a generator one seeded with ``seed`` is used).
+        """
         positive = scores.diagonal()
         cost_text = (self.margin - positive[:, None] + scores).clamp(min=0)  # image i vs negative caption j
         cost_image = (self.margin - positive[None, :] + scores).clamp(min=0)  # caption j vs negative image i
@@ -160,10 +199,55 @@ class TripletLoss(nn.Module):
         cost_image = cost_image.masked_fill(positive_mask, 0.0)
         if self.mining == "hardest":
             return (cost_text.max(dim=1).values + cost_image.max(dim=0).values).mean()
+        if self.mining == "distance_weighted":
+            if embed_dim is None:
+                raise ValueError("triplet mining='distance_weighted' needs embed_dim (the embedding dimension).")
+            if generator is None:
+                generator = torch.Generator().manual_seed(self.seed)
+            negatives = ~positive_mask
+            # Image i as query: sample caption j along row i; caption j as query: sample image i along column j.
+            text_choice = self.sample_distance_weighted(scores, negatives, embed_dim, generator)
+            image_choice = self.sample_distance_weighted(scores.t(), negatives.t(), embed_dim, generator)
+            rows = torch.arange(scores.shape[0], device=scores.device)
+            cols = torch.arange(scores.shape[1], device=scores.device)
+            return (cost_text[rows, text_choice] + cost_image[image_choice, cols]).mean()
         return (cost_text.sum(dim=1) + cost_image.sum(dim=0)).mean()
 
+    def distance_weights(self, scores: torch.Tensor, negatives: torch.Tensor, embed_dim: int) -> torch.Tensor:
+        """Unnormalised sampling weights ``min(λ, q(δ)⁻¹)`` per query row (Wu et al. 2017, Sec. 4), ``[Q, K]``.
+
+        Rows with no negative below ``nonzero_loss_cutoff`` fall back to uniform weights over their negatives;
+        rows with no negative at all are all zero.
+        """
+        scores = scores.detach().double()
+        distance = (2.0 - 2.0 * scores).clamp_min(0.0).sqrt().clamp_min(self.distance_cutoff)
+        log_q = (embed_dim - 2.0) * distance.log() + 0.5 * (embed_dim - 3.0) * (1.0 - 0.25 * distance.pow(2)).clamp_min(
+            1e-8
+        ).log()
+        usable = negatives & (distance < self.nonzero_loss_cutoff)
+        log_weight = (-log_q).masked_fill(~usable, float("-inf"))
+        row_max = log_weight.max(dim=1, keepdim=True).values
+        weights = torch.where(usable, (log_weight - row_max.clamp_min(-1e30)).exp(), torch.zeros_like(log_weight))
+        fallback = ~usable.any(dim=1, keepdim=True)
+        return torch.where(fallback, negatives.double(), weights)
+
+    def sample_distance_weighted(
+        self, scores: torch.Tensor, negatives: torch.Tensor, embed_dim: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """One column index per row, drawn from :meth:`distance_weights` (the row's own index when it has none)."""
+        weights = self.distance_weights(scores, negatives, embed_dim).cpu()
+        empty = weights.sum(dim=1) == 0
+        weights[empty, 0] = 1.0  # placeholder draw; its cost is 0 since the row has no negative at all
+        choice = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        return choice.to(scores.device)
+
     def get_config_dict(self) -> dict[str, Any]:
-        return {"margin": self.margin, "mining": self.mining}
+        config = {"margin": self.margin, "mining": self.mining}
+        if self.mining == "distance_weighted":
+            config.update(
+                seed=self.seed, distance_cutoff=self.distance_cutoff, nonzero_loss_cutoff=self.nonzero_loss_cutoff
+            )
+        return config
 
 
 BASE_LOSSES: dict[str, type[nn.Module]] = {"infonce": InfoNCELoss, "sigmoid": SigmoidLoss, "triplet": TripletLoss}

@@ -1,1 +1,349 @@
-"""Gap terms of this family (filled in by its issue)."""
+"""LG-MGC gap terms: Local-driven Semantic Completion (LSC) and Generative-driven Semantic Translation (GST).
+
+Only the paper's *supplementary material* is available to us (``/work/shared/papers/lgmgc_supplementary.txt``); it
+names the equations of the main paper (Eq. 4/5 for LSC's fusion, Eq. 8 for GST's distances) without printing them.
+Everything below that goes beyond what the supplement states is **our reading**, and each class says so where it
+applies (see also ``design.md``, "Our reading of LG-MGC").
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .base import GapBatch, GapTerm, register_term
+from .contrastive import InfoNCELoss
+
+LGMGC_CITATION = """@misc{lgmgc,
+  title={Local and Generative-driven Modality Gap Correction for Image-Text Retrieval (LG-MGC)},
+  note={Supplementary material, Sec. B (Tables 2-3) and Sec. C (Figs. 1-2); Eq. 4, 5 and 8 of the main paper are
+        referenced there but not reproduced. Authors, venue and arXiv id are not given in the supplement available
+        to us; complete this entry from the main paper.}
+}"""
+
+
+def _check_choice(term: str, option: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(
+            f"Gap term {term!r}: option {option}={value!r} is not valid; accepted values are {list(accepted)}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LSC
+# ---------------------------------------------------------------------------------------------------------------------
+@register_term
+class LSCLoss(GapTerm):
+    """LG-MGC Local-driven Semantic Completion: contrast global embeddings fused with their top-k local tokens.
+
+    The supplement (Sec. B, "Influence of Different Fusion Strategies", Table 3) says that LSC, Eq. (4) and (5)
+    of the main paper, *concatenates the global visual and textual representations with selected local features*,
+    and compares three fusions (max, mean, concat; concat is best, RSUM 564.5 vs. 554.5 for the CLIP ViT-B/16
+    baseline on Flickr30K).
+
+    **Our reading** (the main paper's equations are not available):
+
+    1. *Selection* (per sample). For image ``i`` with normalised global embedding ``v_i`` and patch tokens
+       ``p_i1..p_iP`` (projected by the backbone's own head), take the ``k`` valid patches with the largest cosine
+       ``cos(p_ij, v_i)``; for caption ``i`` take the ``k`` word tokens (``token_mask``: padding and special tokens
+       are never selected) with the largest ``cos(w_ij, t_i)``. A caption with fewer than ``k`` words uses all of
+       its words; one with no word at all falls back to its global embedding alone. Selected locals are
+       L2-normalised, so that global and local parts have the same scale.
+    2. *Fusion* of ``g`` (global) with the selected ``l_1..l_m`` (``m ≤ k``):
+
+       - ``concat`` (default): ``f = normalize([g ; mean_j l_j])`` (dimension ``2D``), so
+         ``cos(f_v, f_t) = (cos_global + ⟨mean l_v, mean l_t⟩) / (‖f_v‖‖f_t‖)``; with no local, ``mean l = 0``;
+       - ``max``: ``f = normalize(max_elementwise{g, l_1, ..., l_m})``;
+       - ``mean``: ``f = normalize((g + Σ_j l_j) / (1 + m))``.
+    3. *Loss*: symmetric in-batch InfoNCE on the fused embeddings with the model's scale
+       ``s = exp(logit_scale) = 1/temperature``: ``L = ½[CE(s·F_v·F_tᵀ, P) + CE(s·F_t·F_vᵀ, Pᵀ)]`` where ``P`` is the
+       row-normalised same-image mask (rows showing the same image are positives of each other). On a SigLIP
+       backbone the term is still InfoNCE (with SigLIP's scale, no bias): it is an auxiliary objective next to the
+       sigmoid base loss.
+
+    Selection uses ``topk`` + ``gather`` on masked similarities (no loop over the batch); cost ``O(B·(P+L)·D)`` for
+    selection and ``O(B²·D)`` for the loss. The term has no parameters.
+
+    Args:
+        embed_dim: the model's embedding dimension (given by the registry).
+        k: local tokens selected per image and per caption (default 4, ``>= 1``).
+        fusion: ``"concat"`` (default), ``"max"`` or ``"mean"``.
+
+    Requirements: ``requires = {"local"}`` — the model then passes projected ``patch_embeds``/``patch_mask`` and
+    ``token_embeds``/``token_mask``.
+
+    Inputs:
+        +--------------------------------------------+------------------------------------------------+
+        | GapBatch field                             | shape                                          |
+        +============================================+================================================+
+        | image_embeds / text_embeds (normalised)    | ``[B, D]``                                     |
+        | patch_embeds / patch_mask                  | ``[B, P, D]`` / ``[B, P]`` bool                |
+        | token_embeds / token_mask                  | ``[B, L, D]`` / ``[B, L]`` bool (words only)   |
+        | logit_scale, image_index                   | scalar, ``[B]``                                |
+        +--------------------------------------------+------------------------------------------------+
+
+    Relations: :class:`GSTLoss` (the other LG-MGC term); :class:`~gapclip.losses.contrastive.InfoNCELoss` (the base
+    loss, here applied to fused embeddings).
+
+    Example::
+
+        >>> from gapclip import GapClipConfig, GapClipModel
+        >>> from gapclip.testing import tiny_clip_config
+        >>> config = GapClipConfig(tiny_clip_config(),
+        ...                        gap_terms=[{"name": "lsc", "weight": 1.0, "options": {"k": 4, "fusion": "concat"}}])
+        >>> model = GapClipModel(config)  # outputs.loss_terms["lsc"] once called with return_loss=True
+    """
+
+    name: ClassVar[str] = "lsc"
+    default_options: ClassVar[dict[str, Any]] = {"k": 4, "fusion": "concat"}
+    requires: ClassVar[frozenset[str]] = frozenset({"local"})
+    citation: ClassVar[str] = LGMGC_CITATION
+    FUSIONS: ClassVar[tuple[str, ...]] = ("concat", "max", "mean")
+
+    def __init__(self, embed_dim: int, **options: Any):
+        super().__init__(embed_dim, **options)
+        k = self.options["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"Gap term 'lsc': option k must be an integer >= 1, got {k!r}.")
+        _check_choice("lsc", "fusion", self.options["fusion"], self.FUSIONS)
+        self.k = k
+        self.fusion = self.options["fusion"]
+
+    def forward(self, batch: GapBatch) -> torch.Tensor:
+        if batch.patch_embeds is None or batch.token_embeds is None:
+            raise ValueError(
+                "Gap term 'lsc' needs local features (patch_embeds and token_embeds) in the GapBatch; "
+                "GapClipModel computes them when a term has requires={'local'} and return_loss=True."
+            )
+        return self.compute_loss_from_embeddings(
+            batch.image_embeds, batch.patch_embeds, batch.patch_mask,
+            batch.text_embeds, batch.token_embeds, batch.token_mask,
+            logit_scale=batch.logit_scale, positive_mask=batch.positive_mask,
+        )
+
+    def compute_loss_from_embeddings(
+        self,
+        image_embeds: torch.Tensor,
+        patch_embeds: torch.Tensor,
+        patch_mask: torch.Tensor | None,
+        text_embeds: torch.Tensor,
+        token_embeds: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        *,
+        logit_scale: torch.Tensor | float,
+        positive_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """InfoNCE on fused embeddings; model-free (``positive_mask`` defaults to the identity)."""
+        fused_images = self.fuse_embeddings(image_embeds, patch_embeds, patch_mask)
+        fused_texts = self.fuse_embeddings(text_embeds, token_embeds, token_mask)
+        if positive_mask is None:
+            positive_mask = torch.eye(image_embeds.shape[0], dtype=torch.bool, device=image_embeds.device)
+        logits_per_image = logit_scale * fused_images @ fused_texts.t()
+        return InfoNCELoss.compute_loss_from_logits(logits_per_image, positive_mask)
+
+    def fuse_embeddings(
+        self, global_embeds: torch.Tensor, local_embeds: torch.Tensor, local_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Select the top-k locals of each row and fuse them with its global embedding; returns normalised rows."""
+        selected, valid = select_top_k_locals(global_embeds, local_embeds, local_mask, self.k)
+        return fuse_global_and_locals(global_embeds, selected, valid, self.fusion)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "fusion": self.fusion}
+
+
+def select_top_k_locals(
+    global_embeds: torch.Tensor, local_embeds: torch.Tensor, local_mask: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the ``k`` valid local tokens most cosine-similar to the row's own global embedding.
+
+    Args:
+        global_embeds: ``[B, D]`` (need not be normalised; cosine is scale-free).
+        local_embeds: ``[B, N, D]`` projected local tokens.
+        local_mask: ``[B, N]`` bool, tokens that may be selected (``None``: all).
+        k: tokens per row; ``min(k, N)`` are returned.
+
+    Returns:
+        ``selected`` ``[B, k', D]`` L2-normalised tokens in decreasing similarity, and ``valid`` ``[B, k']`` bool:
+        ``False`` where the row had fewer than ``k'`` selectable tokens (those slots hold an arbitrary token and
+        must be ignored).
+    """
+    assert local_embeds.dim() == 3 and global_embeds.dim() == 2, (global_embeds.shape, local_embeds.shape)
+    num_tokens, dim = local_embeds.shape[1], local_embeds.shape[2]
+    if local_mask is None:
+        local_mask = torch.ones(local_embeds.shape[:2], dtype=torch.bool, device=local_embeds.device)
+    local_mask = local_mask.bool()
+    locals_normed = F.normalize(local_embeds, dim=-1)
+    global_normed = F.normalize(global_embeds, dim=-1)
+    similarity = torch.einsum("bnd,bd->bn", locals_normed, global_normed)
+    # Selection is not differentiated (topk indices); the gathered tokens carry the gradient.
+    similarity = similarity.detach().masked_fill(~local_mask, float("-inf"))
+    k_eff = min(k, num_tokens)
+    indices = similarity.topk(k_eff, dim=1).indices  # [B, k']
+    valid = local_mask.gather(1, indices)
+    selected = locals_normed.gather(1, indices[..., None].expand(-1, -1, dim))
+    return selected, valid
+
+
+def fuse_global_and_locals(
+    global_embeds: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor, fusion: str
+) -> torch.Tensor:
+    """Fuse ``[B, D]`` globals with ``[B, k, D]`` normalised locals (``valid`` ``[B, k]``); returns normalised rows.
+
+    ``concat``: ``normalize([g ; mean(valid l)])`` (``[B, 2D]``; mean of none = 0); ``max``: element-wise max over
+    ``{g} ∪ valid l``; ``mean``: mean over ``{g} ∪ valid l``; the last two are then L2-normalised (``[B, D]``).
+    """
+    global_normed = F.normalize(global_embeds, dim=-1)
+    weights = valid.to(selected.dtype)[..., None]  # [B, k, 1]
+    count = weights.sum(dim=1)  # [B, 1]
+    if fusion == "concat":
+        local_mean = (selected * weights).sum(dim=1) / count.clamp(min=1.0)
+        fused = torch.cat([global_normed, local_mean], dim=-1)
+    elif fusion == "mean":
+        fused = (global_normed + (selected * weights).sum(dim=1)) / (1.0 + count)
+    elif fusion == "max":
+        masked = selected.masked_fill(~valid[..., None], float("-inf"))
+        fused = torch.cat([global_normed[:, None, :], masked], dim=1).max(dim=1).values
+    else:
+        raise ValueError(f"Unknown LSC fusion {fusion!r}; accepted values are {list(LSCLoss.FUSIONS)}.")
+    return F.normalize(fused, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GST
+# ---------------------------------------------------------------------------------------------------------------------
+@register_term
+class GSTLoss(GapTerm):
+    """LG-MGC Generative-driven Semantic Translation: align each image with its generated caption ("translation").
+
+    Each image has a *translation*: a caption generated for it once by an image-to-text model
+    (``recipes/translate_images.py``), stored as the dataset's ``translation`` column and encoded by the model's
+    own text tower (normalised ``t̂_i``). The supplement (Sec. B, Table 2) compares three distances for GST, "as
+    detailed in Eq. (8)" of the main paper: KL (RSUM 562.6), L2 (562.8) and InfoNCE (564.5, the default).
+
+    **Our reading** (Eq. 8 itself is not available), with ``v_i`` the normalised image embedding, ``t_j`` the
+    normalised caption embeddings of the batch, ``s = exp(logit_scale) = 1/temperature`` and ``P`` the
+    row-normalised same-image mask:
+
+    - ``infonce`` (default): symmetric in-batch contrast of images against translations,
+      ``L = ½[CE(s·V·T̂ᵀ, P) + CE(s·T̂·Vᵀ, Pᵀ)]`` (rows of the same image are positives, never negatives).
+    - ``kl``: ``L = (1/B) Σ_i KL(p_i ‖ q_i)`` with the *translation → captions* distribution
+      ``p_i = softmax_j(s·⟨t̂_i, t_j⟩)`` as the target and the *image → captions* distribution
+      ``q_i = softmax_j(s·⟨v_i, t_j⟩)`` as the prediction. The target is **detached** (no gradient), as in
+      distillation: the image should see the captions the way its translation does, and the translation (a fixed
+      generated caption) is not pulled towards the image. Gradients reach the vision tower through ``v_i`` and the
+      text tower through the captions ``t_j``. No T² factor.
+    - ``l2``: ``L = (1/B) Σ_i ‖v_i − t̂_i‖²`` (squared Euclidean distance of normalised embeddings, ``= 2 − 2 cos``).
+
+    Missing translations (``has_translation`` False): ``on_missing="error"`` (default) raises a ``ValueError`` that
+    says how many rows lack one; ``on_missing="skip"`` drops those rows (as queries and, for ``infonce``, as
+    candidates; for ``kl`` the candidate captions remain the whole batch), stores how many were dropped in
+    :attr:`last_skipped` for logging, and returns a zero that keeps the graph when every row is dropped.
+
+    Args:
+        embed_dim: the model's embedding dimension (given by the registry).
+        distance: ``"infonce"`` (default), ``"kl"`` or ``"l2"``.
+        on_missing: ``"error"`` (default) or ``"skip"``.
+
+    Requirements: ``requires = {"translation"}`` — the model encodes ``translation_input_ids`` with its text tower
+    into ``extras["translation_embeds"]`` (normalised) and ``extras["has_translation"]``.
+
+    Inputs:
+        +----------------------------------------------+---------------------------+
+        | GapBatch field                               | shape                     |
+        +==============================================+===========================+
+        | image_embeds / text_embeds (normalised)      | ``[B, D]``                |
+        | extras["translation_embeds"] (normalised)    | ``[B, D]``                |
+        | extras["has_translation"]                    | ``[B]`` bool              |
+        | logit_scale, image_index                     | scalar, ``[B]``           |
+        +----------------------------------------------+---------------------------+
+
+    Relations: :class:`LSCLoss` (the other LG-MGC term); :class:`~gapclip.losses.contrastive.InfoNCELoss`.
+
+    Example::
+
+        >>> from gapclip import GapClipConfig, GapClipModel
+        >>> from gapclip.testing import tiny_clip_config
+        >>> gst = {"name": "gst", "options": {"distance": "infonce", "on_missing": "skip"}}
+        >>> config = GapClipConfig(tiny_clip_config(), gap_terms=[gst])
+        >>> model = GapClipModel(config)  # call with translation_input_ids=... and return_loss=True
+    """
+
+    name: ClassVar[str] = "gst"
+    default_options: ClassVar[dict[str, Any]] = {"distance": "infonce", "on_missing": "error"}
+    requires: ClassVar[frozenset[str]] = frozenset({"translation"})
+    citation: ClassVar[str] = LGMGC_CITATION
+    DISTANCES: ClassVar[tuple[str, ...]] = ("infonce", "kl", "l2")
+    ON_MISSING: ClassVar[tuple[str, ...]] = ("error", "skip")
+
+    def __init__(self, embed_dim: int, **options: Any):
+        super().__init__(embed_dim, **options)
+        _check_choice("gst", "distance", self.options["distance"], self.DISTANCES)
+        _check_choice("gst", "on_missing", self.options["on_missing"], self.ON_MISSING)
+        self.distance = self.options["distance"]
+        self.on_missing = self.options["on_missing"]
+        self.last_skipped = 0  # rows without a translation dropped by the last call (on_missing="skip")
+
+    def forward(self, batch: GapBatch) -> torch.Tensor:
+        if "translation_embeds" not in batch.extras:
+            raise ValueError(
+                "Gap term 'gst' needs image translations: the batch has no extras['translation_embeds']. Give the "
+                "dataset a 'translation' column (recipes/translate_images.py makes one) so the collator passes "
+                "`translation_input_ids`."
+            )
+        return self.compute_loss_from_embeddings(
+            batch.image_embeds, batch.extras["translation_embeds"], batch.text_embeds,
+            logit_scale=batch.logit_scale, positive_mask=batch.positive_mask,
+            has_translation=batch.extras.get("has_translation"),
+        )
+
+    def compute_loss_from_embeddings(
+        self,
+        image_embeds: torch.Tensor,
+        translation_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        *,
+        logit_scale: torch.Tensor | float,
+        positive_mask: torch.Tensor | None = None,
+        has_translation: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The GST distance on normalised ``[B, D]`` embeddings; model-free (``positive_mask`` defaults to ``I``)."""
+        batch_size = image_embeds.shape[0]
+        if positive_mask is None:
+            positive_mask = torch.eye(batch_size, dtype=torch.bool, device=image_embeds.device)
+        self.last_skipped = 0
+        if has_translation is not None:
+            has_translation = has_translation.bool()
+            missing = int((~has_translation).sum().item())
+            if missing:
+                if self.on_missing == "error":
+                    raise ValueError(
+                        f"Gap term 'gst': {missing} of {batch_size} rows in this batch have no translation "
+                        "(has_translation=False). Generate translations for every image with "
+                        "recipes/translate_images.py (it resumes where it stopped), or set the option "
+                        "on_missing='skip' to leave those rows out of GST."
+                    )
+                self.last_skipped = missing
+                if missing == batch_size:
+                    # Zero with a graph: backward still works and gives zero gradients.
+                    return (image_embeds.sum() + translation_embeds.sum()) * 0.0
+                keep = has_translation
+                image_embeds, translation_embeds = image_embeds[keep], translation_embeds[keep]
+                positive_mask = positive_mask[keep][:, keep]
+
+        if self.distance == "infonce":
+            logits_per_image = logit_scale * image_embeds @ translation_embeds.t()
+            return InfoNCELoss.compute_loss_from_logits(logits_per_image, positive_mask)
+        if self.distance == "kl":
+            target = F.log_softmax(logit_scale * translation_embeds.detach() @ text_embeds.detach().t(), dim=1)
+            prediction = F.log_softmax(logit_scale * image_embeds @ text_embeds.t(), dim=1)
+            return F.kl_div(prediction, target, reduction="batchmean", log_target=True)
+        return (image_embeds - translation_embeds).pow(2).sum(dim=-1).mean()
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"distance": self.distance, "on_missing": self.on_missing}
+
+
+__all__ = ["GSTLoss", "LSCLoss", "fuse_global_and_locals", "select_top_k_locals"]

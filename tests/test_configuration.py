@@ -1,0 +1,177 @@
+"""GapClipConfig and the gap-term registry: clear errors on bad specs, save/load round trip, Auto* registration."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPConfig, SiglipConfig
+
+from gapclip import GapClipConfig, GapClipModel, GapTerm, register_term
+from gapclip.losses import TERM_REGISTRY, validate_term_specs
+from gapclip.testing import tiny_bert_config, tiny_clip_config, tiny_siglip_config
+
+TEST_TERM = "_test_config_term"
+
+
+@pytest.fixture
+def test_term():
+    """A throwaway term registered for one test (the real terms are developed elsewhere) and removed afterwards."""
+
+    class _ConfigTestTerm(GapTerm):
+        name: ClassVar[str] = TEST_TERM
+        default_options: ClassVar[dict] = {"alpha": 0.5, "mode": "mean"}
+
+        def forward(self, batch):
+            return (batch.image_embeds * batch.text_embeds).sum(-1).mean() * self.options["alpha"]
+
+    register_term(_ConfigTestTerm)
+    yield _ConfigTestTerm
+    TERM_REGISTRY.pop(TEST_TERM, None)
+
+
+# ---------------------------------------------------------------------------------------------------- gap-term specs
+def test_unknown_term_lists_the_valid_ones(test_term):
+    with pytest.raises(ValueError) as info:
+        GapClipConfig(tiny_clip_config(), gap_terms=[{"name": "no_such_term"}])
+    message = str(info.value)
+    assert "'no_such_term'" in message
+    assert "Valid terms" in message and TEST_TERM in message
+
+
+@pytest.mark.parametrize("weight", [-0.5, -1])
+def test_negative_weight_is_rejected(test_term, weight):
+    with pytest.raises(ValueError, match=rf"Weight of gap term '{TEST_TERM}' must be finite and >= 0, got {float(weight)}"):
+        GapClipConfig(tiny_clip_config(), gap_terms=[{"name": TEST_TERM, "weight": weight}])
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, "nan"])
+def test_non_finite_weight_is_rejected(test_term, weight):
+    with pytest.raises(ValueError, match=rf"Weight of gap term '{TEST_TERM}' must be finite"):
+        GapClipConfig(tiny_clip_config(), gap_terms=[{"name": TEST_TERM, "weight": weight}])
+
+
+def test_non_numeric_weight_is_rejected(test_term):
+    with pytest.raises(ValueError, match="must be a number, got 'heavy'"):
+        validate_term_specs([{"name": TEST_TERM, "weight": "heavy"}])
+
+
+def test_unknown_option_lists_the_terms_options(test_term):
+    with pytest.raises(ValueError) as info:
+        GapClipConfig(tiny_clip_config(), gap_terms=[{"name": TEST_TERM, "options": {"beta": 1, "alpha": 2}}])
+    message = str(info.value)
+    assert f"Gap term '{TEST_TERM}' does not take option(s) ['beta']" in message
+    assert "['alpha', 'mode']" in message
+
+
+def test_duplicate_term_is_rejected(test_term):
+    with pytest.raises(ValueError, match=f"'{TEST_TERM}' is declared twice"):
+        GapClipConfig(tiny_clip_config(), gap_terms=[{"name": TEST_TERM}, {"name": TEST_TERM, "weight": 2.0}])
+
+
+def test_unknown_spec_key_is_rejected(test_term):
+    with pytest.raises(ValueError, match=r"unknown keys \['wieght'\]"):
+        GapClipConfig(tiny_clip_config(), gap_terms=[{"name": TEST_TERM, "wieght": 2.0}])
+
+
+def test_specs_are_normalised(test_term):
+    specs = validate_term_specs([TEST_TERM])
+    assert specs == [{"name": TEST_TERM, "weight": 1.0, "options": {}}]
+    assert validate_term_specs(None) == []
+
+
+def test_registering_another_class_under_a_taken_name_fails(test_term):
+    class _Clash(GapTerm):
+        name: ClassVar[str] = TEST_TERM
+
+    with pytest.raises(ValueError, match=f"'{TEST_TERM}' is already registered"):
+        register_term(_Clash)
+    assert TERM_REGISTRY[TEST_TERM] is test_term
+    register_term(test_term)  # re-registering the same class is a no-op
+
+
+# ---------------------------------------------------------------------------------------------------- config fields
+def test_unknown_base_loss_lists_the_valid_ones():
+    with pytest.raises(ValueError) as info:
+        GapClipConfig(tiny_clip_config(), base_loss="hinge")
+    assert "'hinge'" in str(info.value)
+    for name in ("auto", "infonce", "sigmoid", "triplet"):
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan])
+def test_bad_logit_scale_max_is_rejected(value):
+    with pytest.raises(ValueError, match="logit_scale_max must be finite and > 0"):
+        GapClipConfig(tiny_clip_config(), logit_scale_max=value)
+
+
+def test_non_dual_encoder_backbone_config_names_the_model_type():
+    with pytest.raises(ValueError, match="'bert' is not a supported image-text dual encoder"):
+        GapClipConfig(BertConfig())
+    with pytest.raises(ValueError, match="'bert' is not a supported image-text dual encoder"):
+        GapClipConfig({"model_type": "bert"})
+
+
+def test_backbone_config_dict_needs_a_known_model_type():
+    with pytest.raises(ValueError, match="needs a known 'model_type', got None"):
+        GapClipConfig({"projection_dim": 16})
+    with pytest.raises(TypeError, match="must be a dict or PretrainedConfig, got int"):
+        GapClipConfig(3)
+
+
+def test_default_backbone_and_resolved_base_loss():
+    config = GapClipConfig()
+    assert isinstance(config.backbone_config, CLIPConfig)
+    assert config.resolved_base_loss == "infonce"
+    assert GapClipConfig(tiny_siglip_config()).resolved_base_loss == "sigmoid"
+    assert GapClipConfig(tiny_siglip_config(), base_loss="triplet").resolved_base_loss == "triplet"
+
+
+def test_from_backbone_on_a_bert_folder_is_a_clear_error(tmp_path):
+    BertModel(tiny_bert_config()).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError) as info:
+        GapClipModel.from_backbone(str(tmp_path / "bert"))
+    assert "'bert'" in str(info.value) and "not a supported image-text dual encoder" in str(info.value)
+    assert str(tmp_path / "bert") in str(info.value)
+
+
+def test_from_backbone_on_a_gapclip_checkpoint_points_to_from_pretrained(tmp_path, make_clip_model):
+    make_clip_model().save_pretrained(tmp_path / "gap")
+    with pytest.raises(ValueError, match="already a gapclip checkpoint"):
+        GapClipModel.from_backbone(str(tmp_path / "gap"))
+
+
+# ---------------------------------------------------------------------------------------------------- persistence
+def test_save_load_round_trip_keeps_backbone_config_and_terms(tmp_path, test_term):
+    terms = [{"name": TEST_TERM, "weight": 0.25, "options": {"alpha": 2.0}}]
+    config = GapClipConfig(
+        tiny_siglip_config(), base_loss="triplet", gap_terms=terms, triplet_margin=0.3, triplet_mining="sum",
+        gather_with_grad=False, logit_scale_max=50.0,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = GapClipConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded.backbone_config, SiglipConfig)
+    assert loaded.backbone_config.to_dict() == config.backbone_config.to_dict()
+    assert loaded.gap_terms == terms
+    assert loaded.term_weights == {TEST_TERM: 0.25}
+    assert (loaded.base_loss, loaded.triplet_margin, loaded.triplet_mining) == ("triplet", 0.3, "sum")
+    assert (loaded.gather_with_grad, loaded.logit_scale_max) == (False, 50.0)
+    auto = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(auto, GapClipConfig)
+    assert auto.to_diff_dict() == loaded.to_diff_dict()
+
+
+def test_auto_classes_are_registered(tmp_path, test_term):
+    torch.manual_seed(0)
+    config = GapClipConfig(tiny_clip_config(), gap_terms=[{"name": TEST_TERM, "weight": 0.5}])
+    assert isinstance(AutoConfig.for_model("gapclip"), GapClipConfig)
+    model = AutoModel.from_config(config)
+    assert isinstance(model, GapClipModel)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is GapClipModel
+    assert list(loaded.gap_terms) == [TEST_TERM]
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(p, q, msg=name)
