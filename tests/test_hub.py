@@ -337,3 +337,23 @@ def test_training_recipe_with_lora_exports_and_pushes_the_backbone(tmp_path, mon
     final_config = json.loads((output_dir / "config.json").read_text())
     assert "lora" not in final_config and final_config["merged_lora"]["r"] == 4
     assert len(hub.uploads) == 2
+
+
+def test_export_recipe_from_checkpoint_with_results_and_push(tmp_path, monkeypatch, demo_processor):
+    from recipes.export import main
+
+    hub = FakeHub(monkeypatch)
+    model = apply_lora(demo_clip_model(demo_processor), r=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    demo_processor.save_pretrained(tmp_path / "ckpt")
+    results = tmp_path / "retrieval.json"  # as written by a training recipe
+    results.write_text(json.dumps({"before training": {"rsum": 1.0}, "after training": {"rsum": 123.5, "i2t_r1": 7.0}}))
+    out = main([
+        str(tmp_path / "ckpt"), str(tmp_path / "release"), "--eval_results", str(results), "--eval_dataset_name",
+        "flickr30k", "--push_to_hub", "--hub_model_id", "me/release",
+    ])
+    assert out == tmp_path / "release"
+    values = {r.metric_type: r.metric_value for r in ModelCard.load(out / "README.md").data.eval_results}
+    assert values == {"rsum": 123.5, "i2t_r1": 7.0}
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "me/release" and upload["files"] == sorted(p.name for p in out.iterdir())

@@ -271,9 +271,10 @@ def run_training(
 ) -> dict[str, Any]:
     """Train with the recipe's objective and print the before/after retrieval table; returns all metrics.
 
-    With ``lora_args.lora_r > 0`` only LoRA adapters (+ logit scale and the terms' own parameters) are trained. At the
-    end the backbone is exported in its native format to ``output_dir/export`` (see :func:`gapclip.hub.export_backbone`)
-    and, with ``--push_to_hub``, that export (not the training wrapper) is pushed to ``--hub_model_id``.
+    With ``lora_args.lora_r > 0`` only LoRA adapters (+ logit scale and the terms' own parameters) are trained. At
+    the end the backbone is exported in its native format to ``output_dir/export`` (see
+    :func:`gapclip.hub.export_backbone`) and, with ``--push_to_hub``, that export (not the training wrapper) is
+    pushed to ``--hub_model_id``.
     """
     # 1. logging and seed
     log_level = training_args.get_process_log_level()

@@ -336,7 +336,9 @@ def push_exported(
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"{str(folder)!r} is not an exported model folder (no config.json); run export_backbone first.")
+        raise ValueError(
+            f"{str(folder)!r} is not an exported model folder (no config.json); run export_backbone first."
+        )
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     target = getattr(repo, "repo_id", repo_id)

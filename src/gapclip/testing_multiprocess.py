@@ -26,11 +26,18 @@ TEACHER_DIM = 12
 def make_model(spec: dict[str, Any]) -> GapClipModel:
     torch.manual_seed(spec.get("seed", 0))
     backbone = tiny_siglip_config() if spec.get("backbone") == "siglip" else tiny_clip_config()
-    config = GapClipConfig(backbone, gap_terms=spec.get("gap_terms"), base_loss=spec.get("base_loss", "auto"))
+    config = GapClipConfig(
+        backbone, gap_terms=spec.get("gap_terms"), base_loss=spec.get("base_loss", "auto"),
+        triplet_mining=spec.get("triplet_mining", "hardest"),
+    )
     model = GapClipModel(config)
     model.eval()  # no dropout: the two runs must see the same function
     # float64, so that summation order (which differs between 1 and 2 processes) stays far below the 1e-6 tolerance.
     return model.double()
+
+
+def _unit_rows(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=generator, dtype=torch.float64), dim=-1)
 
 
 def make_batch(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -58,8 +65,8 @@ def make_batch(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
         "translation_input_ids": translation_ids,
         "translation_attention_mask": torch.ones_like(translation_ids),
         "has_translation": torch.ones(n, dtype=torch.bool),
-        "teacher_image_embeds": torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=generator, dtype=torch.float64), dim=-1),
-        "teacher_text_embeds": torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=generator, dtype=torch.float64), dim=-1),
+        "teacher_image_embeds": _unit_rows(n, generator),
+        "teacher_text_embeds": _unit_rows(n, generator),
     }
 
 
@@ -77,24 +84,28 @@ def single_process_reference(spec: dict[str, Any]) -> tuple[dict[str, float], di
 
 
 def main(spec_path: str, out_dir: str) -> None:
+    """Run every spec of the JSON file (``{"specs": [spec, ...]}`` or one spec) and write spec ``i``'s results to
+    ``OUT_DIR/i/``: one process group for all of them, since starting processes dominates the cost."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    spec = json.loads(Path(spec_path).read_text())
-    model = make_model(spec)
-    batch = make_batch(spec)
-    # Uneven split on purpose (the last batch of an epoch): rank 0 gets 5 rows, rank 1 gets 3.
-    bounds = [0, 5, GLOBAL_BATCH] if world == 2 else torch.linspace(0, GLOBAL_BATCH, world + 1).long().tolist()
-    local = {k: v[bounds[rank] : bounds[rank + 1]] for k, v in batch.items()}
-    values, grads = _step(model, local)
-    for name in sorted(grads):  # what DDP does: average the gradients over processes
-        dist.all_reduce(grads[name])
-        grads[name] /= world
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in grads.items()}, str(out / f"grads_rank{rank}.safetensors"))
-    (out / f"values_rank{rank}.json").write_text(json.dumps(values))
+    payload = json.loads(Path(spec_path).read_text())
+    specs = payload["specs"] if "specs" in payload else [payload]
+    for index, spec in enumerate(specs):
+        model = make_model(spec)
+        batch = make_batch(spec)
+        # Uneven split on purpose (the last batch of an epoch): rank 0 gets 5 rows, rank 1 gets 3.
+        bounds = [0, 5, GLOBAL_BATCH] if world == 2 else torch.linspace(0, GLOBAL_BATCH, world + 1).long().tolist()
+        local = {k: v[bounds[rank] : bounds[rank + 1]] for k, v in batch.items()}
+        values, grads = _step(model, local)
+        for name in sorted(grads):  # what DDP does: average the gradients over processes
+            dist.all_reduce(grads[name])
+            grads[name] /= world
+        out = Path(out_dir) / str(index)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in grads.items()}, str(out / f"grads_rank{rank}.safetensors"))
+        (out / f"values_rank{rank}.json").write_text(json.dumps(values))
     dist.destroy_process_group()
 
 

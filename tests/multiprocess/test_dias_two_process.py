@@ -18,6 +18,7 @@ SPECS = {
     "dias_intra-sparse": {"gap_terms": [{"name": "dias_intra", "weight": 0.1, "options": {"beta_init": -0.3}}]},
     "triplet-all-dias": {
         "base_loss": "triplet",
+        "triplet_mining": "distance_weighted",
         "gap_terms": [
             {"name": "dias_dim", "weight": 10.0},
             {"name": "dias_inter", "weight": 0.05},
