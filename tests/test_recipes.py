@@ -41,7 +41,7 @@ def tiny_flags(output_dir: Path, *extra: str, terms: bool = False) -> list[str]:
         "--scratch_width", "32", "--scratch_layers", "1", "--max_steps", "4", "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16", "--output_dir", str(output_dir), "--eval_strategy", "no",
         "--save_strategy", "no", "--load_best_model_at_end", "false", "--report_to", "none", "--disable_tqdm", "true",
-        "--logging_steps", "2",
+        "--logging_steps", "2", "--dataloader_pin_memory", "false",
     ]
     if not terms:
         flags += ["--no_lsc", "--no_gst"]

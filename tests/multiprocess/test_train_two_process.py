@@ -32,7 +32,7 @@ def test_lgmgc_recipe_trains_on_two_processes(tiny_demo_root, gapclip_cache, tmp
         "--scratch_width", "32", "--scratch_layers", "1", "--max_steps", "3", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8", "--output_dir", str(out), "--no_lsc", "--no_gst", "--eval_strategy", "no",
         "--save_strategy", "no", "--load_best_model_at_end", "false", "--report_to", "none", "--disable_tqdm", "true",
-        "--logging_steps", "1",
+        "--logging_steps", "1", "--dataloader_pin_memory", "false",
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
