@@ -22,6 +22,8 @@ from .configuration import GapClipConfig, check_dual_encoder_config
 from .data import CaptionPairs, GapClipCollator, IterableCaptionPairs, load_caption_dataset, make_demo_processor
 from .data.demo import make_demo_dataset
 from .evaluation import format_retrieval_table
+from .losses import validate_term_specs
+from .lora import load_gapclip_model
 from .modeling import GapClipModel
 from .trainer import GapClipTrainer
 
@@ -234,16 +236,19 @@ def build_model_and_processor(
             processor, data_args.demo_image_size, model_args.scratch_width, model_args.scratch_layers
         )
         return GapClipModel(GapClipConfig(backbone_config, **config_kwargs)), processor
-    processor = AutoProcessor.from_pretrained(model_args.processor_name_or_path or path)
     config = AutoConfig.from_pretrained(path)
+    if config.model_type != GapClipConfig.model_type:
+        check_dual_encoder_config(config, source=f"--model_name_or_path {path}")
+    processor = AutoProcessor.from_pretrained(model_args.processor_name_or_path or path)
     if config.model_type == GapClipConfig.model_type:
         # Continue from a gapclip checkpoint, with this run's objective.
-        model = GapClipModel.from_pretrained(path)
-        if gap_terms != model.config.gap_terms or model_args.base_loss != model.config.base_loss:
+        model = load_gapclip_model(path)
+        if validate_term_specs(gap_terms) != model.config.gap_terms or model_args.base_loss != model.config.base_loss:
             new_config = GapClipConfig(model.config.backbone_config, **config_kwargs)
+            if getattr(model.config, "lora", None):
+                new_config.lora = model.config.lora
             model = GapClipModel(new_config, backbone=model.backbone)
         return model, processor
-    check_dual_encoder_config(config, source=f"--model_name_or_path {path}")
     return GapClipModel.from_backbone(path, **config_kwargs), processor
 
 
@@ -284,8 +289,11 @@ def run_training(
 
     # 2. resume
     last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train is not False:
+    if os.path.isdir(training_args.output_dir):
+        # A rerun into the same folder continues from its last checkpoint instead of overwriting it.
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.warning(f"Resuming from {last_checkpoint} (found in --output_dir).")
     resume = training_args.resume_from_checkpoint or last_checkpoint
 
     # 3. data

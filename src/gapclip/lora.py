@@ -12,9 +12,9 @@ Checkpoints and reloading
 
     - Resuming a run (``Trainer.train(resume_from_checkpoint=...)``) needs nothing special: the recipe applies the
       same LoRA settings before building the Trainer, and the Trainer loads the checkpoint into that model.
-    - Loading a checkpoint: :func:`load_gapclip_model` reads ``config.lora``, rebuilds the model, re-applies LoRA
-      with the stored settings, then loads the weights strictly. ``GapClipModel.from_pretrained`` alone does not
-      know about ``config.lora`` and would silently leave the backbone randomly initialised.
+    - Loading a checkpoint: ``GapClipModel.__init__`` re-applies LoRA with the stored ``config.lora`` settings, so
+      ``GapClipModel.from_pretrained`` / ``AutoModel.from_pretrained`` load the adapters; :func:`load_gapclip_model`
+      additionally restores which parameters train.
     - :func:`merge_lora` folds the adapters into the base weights and unwraps the backbone back to its native class
       (and drops ``config.lora``); a merged checkpoint is a plain gapclip checkpoint again.
 
@@ -170,29 +170,13 @@ def merged_backbone(model: GapClipModel) -> nn.Module:
 def load_gapclip_model(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> GapClipModel:
     """Load a gapclip checkpoint, with or without LoRA adapters.
 
-    Without ``config.lora`` this is ``GapClipModel.from_pretrained(path, **kwargs)``. With it, the model is built
-    from the config, LoRA is re-applied with the stored settings, then ``from_pretrained`` loads the weights (so the
-    usual key conversions, sharding and missing/unexpected-key report apply). The result is a ``GapClipModel``
-    whose backbone is a ``PeftModel``.
+    ``GapClipModel.from_pretrained(path, **kwargs)`` (which rebuilds LoRA layers from ``config.lora``), then, for a
+    LoRA checkpoint, only the adapters, the logit scale and the terms' parameters are left trainable.
     """
-    config = GapClipConfig.from_pretrained(pretrained_model_name_or_path)
-    settings = getattr(config, LORA_CONFIG_KEY, None)
-    if not settings:
-        return GapClipModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
-    # Going through from_pretrained (rather than a raw state-dict load) keeps transformers' checkpoint key
-    # conversions (e.g. ViT towers are saved under their legacy names) and its loading report.
-    model = _GapClipModelWithLora.from_pretrained(pretrained_model_name_or_path, **kwargs)
-    model.__class__ = GapClipModel  # the subclass only differs in __init__
-    mark_lora_trainable(model)  # loading hands back fresh parameters that all require grad
+    model = GapClipModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    if getattr(model.config, LORA_CONFIG_KEY, None):
+        mark_lora_trainable(model)  # loading hands back fresh parameters that all require grad
     return model
-
-
-class _GapClipModelWithLora(GapClipModel):
-    """Builds the LoRA layers described by ``config.lora`` before ``from_pretrained`` loads the weights."""
-
-    def __init__(self, config: GapClipConfig, backbone=None):
-        super().__init__(config, backbone=backbone)
-        apply_lora(self, **getattr(config, LORA_CONFIG_KEY))
 
 
 __all__ = [

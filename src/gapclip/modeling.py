@@ -65,6 +65,15 @@ class GapClipPreTrainedModel(PreTrainedModel):
         # The backbone initialises itself (or is loaded); gap terms initialise their own parameters in __init__.
         return None
 
+    def save_pretrained(self, *args, save_original_format: bool = False, **kwargs):
+        """Save with the parameter names the model has in memory (not the backbones' legacy checkpoint names).
+
+        The `Trainer` resumes and reloads the best checkpoint by reading the safetensors file straight into the
+        model; legacy names (e.g. older ViT attention keys) would be skipped there. The native export
+        (`gapclip.hub.export_backbone`) keeps each backbone's original format for everyone else.
+        """
+        return super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
+
 
 class GapClipModel(GapClipPreTrainedModel):
     """A dual encoder plus its training objective: the base loss and the configured gap terms.
@@ -84,6 +93,11 @@ class GapClipModel(GapClipPreTrainedModel):
         self.embed_dim = self._embedding_dim()
         self.base_loss = self._build_base_loss()
         self.gap_terms = build_terms(config.gap_terms, self.embed_dim)
+        if getattr(config, "lora", None) and backbone is None:
+            # A LoRA-trained checkpoint: rebuild the adapters so its weights load into them.
+            from .lora import apply_lora
+
+            apply_lora(self, **config.lora)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
