@@ -14,7 +14,7 @@ import dataclasses
 from gapclip.ablation import Variant, run_ablation
 from gapclip.cli import parse_args
 
-from train_clip_dias import DIASArguments  # noqa: E402  (sibling recipe)
+from train_clip_dias import DIASArguments, use_paper_base_loss  # noqa: E402  (sibling recipe)
 
 
 def variants(method: DIASArguments, pair_mode: str) -> list[Variant]:
@@ -38,10 +38,7 @@ def variants(method: DIASArguments, pair_mode: str) -> list[Variant]:
 
 def main(argv: list[str] | None = None):
     model_args, data_args, method, lora_args, training_args = parse_args(DIASArguments, argv)
-    if model_args.base_loss == "auto":
-        model_args.base_loss = "triplet"
-        if model_args.triplet_mining == "hardest":
-            model_args.triplet_mining = "distance_weighted"
+    use_paper_base_loss(model_args)
     return run_ablation(
         variants(method, data_args.pair_mode), model_args, data_args, training_args, lora_args=lora_args,
         title=f"DIAS ablation on {data_args.dataset}/{data_args.test_split}",

@@ -84,12 +84,17 @@ class DIASArguments:
         return factory
 
 
-def main(argv: list[str] | None = None):
-    model_args, data_args, method, lora_args, training_args = parse_args(DIASArguments, argv)
+def use_paper_base_loss(model_args) -> None:
+    """``--base_loss auto`` means DIAS's own: the triplet loss with distance-weighted negatives (Eq. 3)."""
     if model_args.base_loss == "auto":
         model_args.base_loss = "triplet"
         if model_args.triplet_mining == "hardest":
             model_args.triplet_mining = "distance_weighted"
+
+
+def main(argv: list[str] | None = None):
+    model_args, data_args, method, lora_args, training_args = parse_args(DIASArguments, argv)
+    use_paper_base_loss(model_args)
     return run_training(
         model_args, data_args, training_args, method.gap_terms(), lora_args=lora_args,
         batch_sampler_factory=method.batch_sampler_factory(data_args.pair_mode),

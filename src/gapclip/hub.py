@@ -33,7 +33,7 @@ logger = logging.get_logger(__name__)
 
 TRAINING_CONFIG_NAME = "gapclip_training.json"
 #: The model-card template (a Jinja template for ``ModelCard.from_template``).
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "gapclip_model_card.md"
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "gapclip_model_card.md"
 
 #: Retrieval metrics reported in the card's ``model-index``: key → display name.
 CARD_METRICS: dict[str, str] = {

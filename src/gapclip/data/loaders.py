@@ -178,14 +178,8 @@ def read_translations(path: str | os.PathLike) -> dict[str, str]:
         raise FileNotFoundError(f"translations file {str(path)!r} does not exist.")
     table: dict[str, str] = {}
     with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({err}).") from err
-            if not isinstance(row, dict) or "image_id" not in row or "translation" not in row:
+        for line_number, row in _iter_json_objects(handle, path):
+            if "image_id" not in row or "translation" not in row:
                 raise ValueError(
                     f"{path}, line {line_number}: expected an object with keys 'image_id' and 'translation', "
                     f"got {row!r}."
@@ -197,6 +191,21 @@ def read_translations(path: str | os.PathLike) -> dict[str, str]:
                 )
             table[str(row["image_id"])] = row["translation"]
     return table
+
+
+def _iter_json_objects(handle: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file; anything else is an error naming the line."""
+    for line_number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line_number}: not valid JSON ({err}).") from err
+        if not isinstance(row, dict):
+            got = type(row).__name__
+            raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {got}.")  # noqa: TRY004
+        yield line_number, row
 
 
 def _add_translation_batch(image_ids: list[str], *, table: Mapping[str, str]) -> dict[str, list[str | None]]:
@@ -335,17 +344,7 @@ def _iter_caption_file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             for line_number, row in enumerate(reader, start=2):
                 yield line_number, row
         elif suffix in (".jsonl", ".json"):
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {line_number}: not valid JSON ({err}).") from err
-                if not isinstance(row, dict):
-                    got = type(row).__name__
-                    raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {got}.")  # noqa: TRY004
-                yield line_number, row
+            yield from _iter_json_objects(handle, path)
         else:
             raise ValueError(
                 f"caption file {str(path)!r}: unsupported extension {suffix!r}; accepted: .csv, .tsv, .jsonl."

@@ -106,6 +106,21 @@ def _check_columns(column_names: list[str] | None, features: Any, kind: str) -> 
         raise TypeError(f"{kind}: column 'image' must be a datasets.Image feature, got {features['image']!r}.")
 
 
+def _set_pair_options(
+    pairs: Any, dataset: Any, kind: str, mode: str, seed: int, on_bad_image: str, max_bad_image_fraction: float
+) -> None:
+    """Validate and store the options both pair datasets share."""
+    _check_options(mode, on_bad_image, max_bad_image_fraction)
+    _check_columns(dataset.column_names, dataset.features, kind)
+    pairs.dataset = dataset
+    pairs.mode = mode
+    pairs.seed = int(seed)
+    pairs.on_bad_image = on_bad_image
+    pairs.max_bad_image_fraction = float(max_bad_image_fraction)
+    pairs.epoch = 0
+    pairs.num_skipped = 0
+
+
 def _undecoded(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
     return dataset.cast_column("image", Image(decode=False))
 
@@ -141,15 +156,7 @@ class CaptionPairs(torch.utils.data.Dataset):
                 f"CaptionPairs expects a datasets.Dataset, got {type(dataset).__name__}; "
                 "use IterableCaptionPairs for a datasets.IterableDataset."
             )
-        _check_options(mode, on_bad_image, max_bad_image_fraction)
-        _check_columns(dataset.column_names, dataset.features, "CaptionPairs")
-        self.dataset = dataset
-        self.mode = mode
-        self.seed = int(seed)
-        self.on_bad_image = on_bad_image
-        self.max_bad_image_fraction = float(max_bad_image_fraction)
-        self.epoch = 0
-        self.num_skipped = 0
+        _set_pair_options(self, dataset, "CaptionPairs", mode, seed, on_bad_image, max_bad_image_fraction)
         self.bad_rows: dict[int, str] = {}
         self._raw = _undecoded(dataset)
         self._has_translation = "translation" in dataset.column_names
@@ -267,16 +274,8 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
                 f"IterableCaptionPairs expects a datasets.IterableDataset, got {type(dataset).__name__}; "
                 "use CaptionPairs for a datasets.Dataset."
             )
-        _check_options(mode, on_bad_image, max_bad_image_fraction)
-        _check_columns(dataset.column_names, dataset.features, "IterableCaptionPairs")
-        self.dataset = dataset
-        self.mode = mode
-        self.seed = int(seed)
-        self.on_bad_image = on_bad_image
-        self.max_bad_image_fraction = float(max_bad_image_fraction)
-        self.epoch = 0
+        _set_pair_options(self, dataset, "IterableCaptionPairs", mode, seed, on_bad_image, max_bad_image_fraction)
         self.num_seen = 0
-        self.num_skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
