@@ -19,7 +19,7 @@ from train_clip_dias import DIASArguments, use_paper_base_loss  # noqa: E402  (s
 
 def variants(method: DIASArguments, pair_mode: str) -> list[Variant]:
     def only(**flags) -> DIASArguments:
-        return dataclasses.replace(method, dias_dim=False, dias_inter=False, dias_intra=False, **flags)
+        return dataclasses.replace(method, **{"dias_dim": False, "dias_inter": False, "dias_intra": False, **flags})
 
     def row(name: str, args: DIASArguments) -> Variant:
         return Variant(name, args.gap_terms(), run_kwargs={"batch_sampler_factory": args.batch_sampler_factory(pair_mode)})
