@@ -91,6 +91,19 @@ def test_train_recipe_writes_before_and_after_rows(lgmgc, tiny_demo_root, tmp_pa
     assert re.search(r"^\| after training +\|", capsys.readouterr().out, re.M)
 
 
+def test_train_recipe_streams_the_training_split(lgmgc, tiny_demo_root, tmp_path):
+    result = lgmgc.main(tiny_flags(tmp_path / "out", "--streaming", "--max_steps", "3"))
+    assert_report(tmp_path / "out")
+    assert result["trainer"].state.global_step == 3
+    assert type(result["trainer"].train_dataset).__name__ == "IterableCaptionPairs"
+
+
+def test_streaming_needs_max_steps(lgmgc, tiny_demo_root, tmp_path):
+    flags = [f for f in tiny_flags(tmp_path / "out", "--streaming") if f not in ("--max_steps", "4")]
+    with pytest.raises(ValueError, match="--streaming needs --max_steps"):
+        lgmgc.main([*flags, "--num_train_epochs", "1"])
+
+
 def test_train_recipe_reads_a_yaml_config(lgmgc, tiny_demo_root, tmp_path):
     flags = tiny_flags(tmp_path / "out", "--base_loss", "triplet", "--max_steps", "2")
     config: dict = {}
