@@ -52,6 +52,10 @@ class EvaluationArguments:
     sts_file: str | None = field(default=None, metadata={"help": "STS pairs (sentence1, sentence2, score)."})
     plots: bool = field(default=False, metadata={"help": "Write similarity-map and modality-gap PNGs (matplotlib)."})
     plots_dir: str | None = field(default=None, metadata={"help": "Folder of the PNGs (default: next to the JSON)."})
+    plot_substitutions: str | None = field(
+        default=None,
+        metadata={"help": "JSON word substitutions for extra similarity-map panels, e.g. '{\"red\": \"blue\"}'."},
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -102,7 +106,8 @@ def evaluate(eval_args: EvaluationArguments, data_args: DataArguments) -> dict[s
         metrics["sts_spearman"] = _sts(model, processor, eval_args, data_args)
     if eval_args.plots:
         metrics_dir = Path(eval_args.plots_dir or Path(eval_args.output_json or "plots.json").parent)
-        _plots(model, processor, dataset, embedded, metrics_dir)
+        substitutions = json.loads(eval_args.plot_substitutions) if eval_args.plot_substitutions else {}
+        _plots(model, processor, dataset, embedded, metrics_dir, substitutions)
     row = eval_args.name or eval_args.model_name_or_path
     print(format_retrieval_table({row: metrics}, title=f"{data_args.dataset} / {eval_args.split}"), flush=True)
     print(json.dumps(metrics, indent=2), flush=True)
@@ -132,14 +137,18 @@ def _sts(model: GapClipModel, processor: Any, eval_args: EvaluationArguments, da
     return sts_spearman(embed(pairs.sentence1), embed(pairs.sentence2), pairs.scores)
 
 
-def _plots(model, processor, dataset, embedded, out_dir: Path) -> None:
+def _plots(model, processor, dataset, embedded, out_dir: Path, substitutions: dict[str, str]) -> None:
     try:
-        from .plots import modality_gap_plot, patch_similarity_map
+        from .plots import modality_gap_plot, patch_similarity_map, substitute_words
     except ImportError as err:  # pragma: no cover - depends on the optional extra
         raise ImportError("--plots needs matplotlib: pip install 'gapclip[plots]'") from err
     out_dir.mkdir(parents=True, exist_ok=True)
     first = dataset[0]
-    patch_similarity_map(model, processor, first["image"], first["captions"][:1], output_path=out_dir / "similarity_map.png")
+    captions = [first["captions"][0]]
+    for word, replacement in substitutions.items():  # the supplement's Fig. 1: one word changed per panel
+        if word.lower() in captions[0].lower().split():
+            captions.append(substitute_words(captions[0], {word: replacement}))
+    patch_similarity_map(model, processor, first["image"], captions, output_path=out_dir / "similarity_map.png")
     modality_gap_plot(
         embedded.image_embeds, embedded.text_embeds[_first_caption_rows(embedded.text_to_image)],
         output_path=out_dir / "modality_gap.png",

@@ -50,6 +50,9 @@ class GapClipTrainer(Trainer):
         eval_loss_terms: also compute the loss terms on (image, first caption) pairs of the evaluation set.
         train_batch_sampler: a batch sampler that yields this process' share of each global batch (e.g. DIAS's
             :class:`~gapclip.data.kmeans_sampler.KMeansBatchSampler`); used as it is, not re-sharded.
+        max_nonfinite_steps: an optimizer step whose loss or gradients are NaN/inf is skipped (gradients zeroed,
+            a warning names the non-finite loss terms); after this many *consecutive* skipped steps training stops
+            with a ``RuntimeError`` naming them.
     """
 
     def __init__(
@@ -61,9 +64,17 @@ class GapClipTrainer(Trainer):
         coco_1k: bool = False,
         eval_loss_terms: bool = True,
         train_batch_sampler: Any = None,
+        max_nonfinite_steps: int = 3,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}.")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._last_loss_terms: dict[str, torch.Tensor] = {}
+        self._consecutive_nonfinite = 0
+        self._guard_step: int | None = None  # global step of the micro-batches seen last
+        self._guard_step_bad = False  # that step already had a non-finite micro-batch: it is skipped whole
         self.train_batch_sampler = train_batch_sampler
         self.processor = processor if processor is not None else self.processing_class
         self.eval_chunk_size = eval_chunk_size
@@ -92,11 +103,58 @@ class GapClipTrainer(Trainer):
         outputs = model(**inputs)
         if outputs.loss is None:
             raise ValueError("The model returned no loss: the collator must pass `return_loss=True`.")
-        if model.training and outputs.loss_terms:
-            for name, value in outputs.loss_terms.items():
-                self._term_sums[name] += value.detach().float().item()
-            self._term_count += 1
+        if model.training:
+            # Logged by `training_step` once the step is known to be finite.
+            self._last_loss_terms = {name: value.detach() for name, value in (outputs.loss_terms or {}).items()}
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The stock step plus a non-finite guard: a NaN/inf loss or gradient skips the whole optimizer step.
+
+        The gradients are zeroed (``set_to_none``: AdamW then leaves every parameter, and its moments, untouched);
+        with gradient accumulation the remaining micro-batches of that step are dropped too, so the step is a
+        no-op. Raises ``RuntimeError`` after ``max_nonfinite_steps`` consecutive skipped steps.
+        """
+        step = self.state.global_step
+        if step != self._guard_step:  # first micro-batch of a new optimizer step
+            if self._guard_step is not None and not self._guard_step_bad:
+                self._consecutive_nonfinite = 0
+            self._guard_step, self._guard_step_bad = step, False
+        self._last_loss_terms = {}
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        terms = self._last_loss_terms
+        bad_terms = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+        finite = bool(torch.isfinite(loss).all()) and not bad_terms and self._grads_finite(model)
+        if finite and not self._guard_step_bad:
+            if terms:
+                for name, value in terms.items():
+                    self._term_sums[name] += value.float().item()
+                self._term_count += 1
+            return loss
+        model.zero_grad(set_to_none=True)
+        if not finite and not self._guard_step_bad:
+            self._guard_step_bad = True
+            self._consecutive_nonfinite += 1
+            what = f"loss term(s) {bad_terms}" if bad_terms else "the loss or its gradients (all terms finite)"
+            message = (
+                f"Non-finite {what} at step {step + 1}: step skipped (gradients zeroed) "
+                f"[{self._consecutive_nonfinite}/{self.max_nonfinite_steps} consecutive]."
+            )
+            if self._consecutive_nonfinite >= self.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{self.max_nonfinite_steps} consecutive optimizer steps had a non-finite {what}; stopping. "
+                    "Lower the learning rate or that term's weight, check its inputs, or resume from the last "
+                    "checkpoint."
+                )
+            logger.warning(message)
+        return torch.zeros_like(loss)
+
+    @staticmethod
+    def _grads_finite(model) -> bool:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_count:

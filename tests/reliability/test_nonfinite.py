@@ -1,0 +1,108 @@
+"""The non-finite guard of GapClipTrainer: a NaN loss term skips its optimizer step, warns with the term's name,
+and stops training after ``max_nonfinite_steps`` (3) consecutive bad steps; earlier checkpoints stay loadable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from gapclip import GapClipModel
+from gapclip.losses import TERM_REGISTRY, GapBatch, GapTerm, register_term
+
+from ..test_recipes import load_recipe, tiny_flags
+from . import assert_same_weights, load_weights
+
+TERM = "reliability_nan_probe"
+
+
+class NaNProbe(GapTerm):
+    """Differentiable dummy term; NaN on the training calls (1-based) listed in ``nan_calls``."""
+
+    name = TERM
+    nan_calls: set[int] = set()
+    nan_from: int | None = None
+    calls = 0
+
+    def forward(self, batch: GapBatch) -> torch.Tensor:
+        value = (batch.image_embeds * batch.text_embeds).sum(-1).mean()
+        if not self.training:
+            return value
+        cls = type(self)
+        cls.calls += 1
+        if cls.calls in cls.nan_calls or (cls.nan_from is not None and cls.calls >= cls.nan_from):
+            return value * float("nan")
+        return value
+
+
+@pytest.fixture
+def probe():
+    register_term(NaNProbe)
+    NaNProbe.calls, NaNProbe.nan_calls, NaNProbe.nan_from = 0, set(), None
+    yield NaNProbe
+    TERM_REGISTRY.pop(TERM, None)
+
+
+@pytest.fixture(scope="module")
+def lgmgc():
+    return load_recipe("train_clip_lgmgc")
+
+
+def flags(out, max_steps, *extra):
+    return tiny_flags(
+        out, "--max_steps", str(max_steps), "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "20", "--logging_steps", "1",
+        "--seed", "0", "--skip_initial_eval", "true", "--gap_terms", json.dumps([{"name": TERM, "weight": 0.5}]),
+        *extra,
+    )
+
+
+def test_nan_step_is_skipped_and_named(lgmgc, probe, tiny_demo_root, tmp_path, caplog):
+    probe.nan_calls = {2}
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="gapclip.trainer"):
+        result = lgmgc.main(flags(out, 3))
+    assert result["trainer"].state.global_step == 3
+    warnings = [r.getMessage() for r in caplog.records if "Non-finite" in r.getMessage()]
+    assert len(warnings) == 1 and TERM in warnings[0] and "step 2" in warnings[0], warnings
+    w1, w2, w3 = (load_weights(out / f"checkpoint-{i}") for i in (1, 2, 3))
+    assert_same_weights(w1, w2)  # the NaN step changed nothing
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # the next step trained again
+    assert all(torch.isfinite(t).all() for t in w3.values())
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [e for e in state["log_history"] if "loss" in e]
+    assert all(math.isfinite(e["loss"]) for e in losses)
+    assert all(math.isfinite(e.get(f"loss_{TERM}", 0.0)) for e in losses)
+
+
+def test_nan_micro_batch_skips_the_whole_accumulated_step(lgmgc, probe, tiny_demo_root, tmp_path):
+    probe.nan_calls = {4}  # second micro-batch of optimizer step 2
+    out = tmp_path / "out"
+    lgmgc.main(flags(out, 3, "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4"))
+    w1, w2, w3 = (load_weights(out / f"checkpoint-{i}") for i in (1, 2, 3))
+    assert_same_weights(w1, w2)
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_three_consecutive_nan_steps_stop_training(lgmgc, probe, tiny_demo_root, tmp_path, caplog):
+    probe.nan_from = 3  # steps 3, 4, 5 are NaN
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="gapclip.trainer"):
+        with pytest.raises(RuntimeError, match=rf"3 consecutive optimizer steps had a non-finite loss term\(s\) \['{TERM}'\]"):
+            lgmgc.main(flags(out, 10))
+    warned = [r.getMessage() for r in caplog.records if "Non-finite" in r.getMessage()]
+    assert len(warned) == 2 and all(TERM in m for m in warned)
+    last = get_last_checkpoint(str(out))
+    assert last is not None and last.endswith("checkpoint-4")
+    model = GapClipModel.from_pretrained(last)  # loadable, finite, and the skipped steps left it as step 2 did
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert_same_weights(load_weights(out / "checkpoint-2"), load_weights(last))
+
+
+def test_a_clean_step_resets_the_count(lgmgc, probe, tiny_demo_root, tmp_path):
+    probe.nan_calls = {2, 3, 5, 6}  # never 3 in a row
+    result = lgmgc.main(flags(tmp_path / "out", 7, "--save_strategy", "no"))
+    assert result["trainer"].state.global_step == 7
