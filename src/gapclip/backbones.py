@@ -13,6 +13,7 @@ Local features go through the backbone's *own* projection heads (no new paramete
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,16 +50,31 @@ def _vision_post_norm(vision_model: nn.Module) -> nn.Module | None:
     return None
 
 
+class NoLocalFeaturesError(ValueError):
+    """The vision tower gives no patch-token sequence, so terms that need local features cannot run."""
+
+
+def _token_sequence(outputs: Any, vision_model: nn.Module) -> torch.Tensor:
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        got = f"a tensor of shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else "none"
+        raise NoLocalFeaturesError(
+            f"local (patch) features need a vision tower whose last_hidden_state is a token sequence "
+            f"[batch, tokens, hidden]; {type(vision_model).__name__} returns {got} (e.g. a CNN feature map)."
+        )
+    return hidden
+
+
 def encode_images(backbone: nn.Module, pixel_values: torch.Tensor, *, with_local: bool) -> EncodedImages:
     family = backbone.config.model_type
     outputs = backbone.vision_model(pixel_values=pixel_values, return_dict=True)
     if family in ("siglip", "siglip2"):
-        patches = outputs.last_hidden_state if with_local else None
+        patches = _token_sequence(outputs, backbone.vision_model) if with_local else None
         return EncodedImages(outputs.pooler_output, patches)
     embeds = backbone.visual_projection(outputs.pooler_output)
     patches = None
     if with_local:
-        hidden = outputs.last_hidden_state
+        hidden = _token_sequence(outputs, backbone.vision_model)
         vision_config = getattr(backbone.config, "vision_config", None)
         hidden = hidden[:, _num_prefix_tokens(vision_config, hidden.shape[1]) :]
         # CLIP's pooled output is post-layernormed but its last hidden state is not: normalise patches the same way.

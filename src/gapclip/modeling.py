@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .backbones import default_word_mask, encode_images, encode_texts
+from .backbones import NoLocalFeaturesError, default_word_mask, encode_images, encode_texts
 from .configuration import GapClipConfig, check_dual_encoder_config
 from .distributed import gather_features
 from .losses import BASE_LOSSES, GapBatch, TripletLoss, build_terms
@@ -63,7 +63,10 @@ class GapClipPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # The backbone initialises itself (or is loaded); gap terms initialise their own parameters in __init__.
-        return None
+        # The one buffer to set here: the distance-weighted sampler's call count (missing from older checkpoints).
+        if isinstance(module, TripletLoss) and isinstance(getattr(module, "call_count", None), torch.Tensor):
+            with torch.no_grad():
+                module.call_count.zero_()
 
     def save_pretrained(self, *args, save_original_format: bool = False, **kwargs):
         """Save with the parameter names the model has in memory (not the backbones' legacy checkpoint names).
@@ -189,7 +192,14 @@ class GapClipModel(GapClipPreTrainedModel):
         if input_ids is None or pixel_values is None:
             raise ValueError("GapClipModel.forward needs both `input_ids` and `pixel_values`.")
         with_local = bool(return_local) or (bool(return_loss) and self.needs_local_features)
-        images = encode_images(self.backbone, pixel_values, with_local=with_local)
+        try:
+            images = encode_images(self.backbone, pixel_values, with_local=with_local)
+        except NoLocalFeaturesError as err:
+            local_terms = [name for name, term in self.gap_terms.items() if "local" in term.requires]
+            raise ValueError(
+                f"Gap term(s) {local_terms} need patch-level image features, but {err} Drop those terms or use a "
+                "ViT-style vision tower (CLIP, SigLIP, ViT)."
+            ) from None
         texts = encode_texts(self.backbone, input_ids, attention_mask, with_local=with_local)
         image_embeds = F.normalize(images.embeds, dim=-1)
         text_embeds = F.normalize(texts.embeds, dim=-1)

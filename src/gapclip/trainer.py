@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from collections import defaultdict
 from typing import Any
@@ -10,12 +13,20 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from .data.pairs import CaptionPairs
 from .inference import embed_caption_dataset, retrieval_report
 
 logger = logging.get_logger(__name__)
+
+#: The training batch sampler's state (e.g. K-means epoch and cluster assignment) inside a checkpoint.
+SAMPLER_STATE_NAME = "batch_sampler_state.json"
+
+#: Checkpoints are written into this sub-folder of the run folder and moved to ``checkpoint-N`` once complete, so
+#: a run killed while saving never leaves a half-written ``checkpoint-N`` for ``get_last_checkpoint`` to resume from.
+STAGING_DIR = ".checkpoint-staging"
 
 
 class EpochCallback(TrainerCallback):
@@ -40,7 +51,12 @@ class GapClipTrainer(Trainer):
       evaluation (``eval_loss_*``);
     - :meth:`evaluate` runs image↔text retrieval on a caption dataset (every image, all its captions) and returns
       ``eval_i2t_r1 … eval_rsum, eval_modality_gap``, so ``metric_for_best_model="rsum"`` and
-      ``load_best_model_at_end`` work.
+      ``load_best_model_at_end`` work;
+    - reliability: a non-finite loss/gradient skips its step (see ``max_nonfinite_steps``); a checkpoint is written
+      into a hidden staging folder and renamed to ``checkpoint-N`` only when complete, so a process killed while
+      saving never leaves a half-written ``checkpoint-N`` for ``get_last_checkpoint``/resume to pick; the batch
+      sampler's state (``state_dict``/``load_state_dict``) is saved with each checkpoint and restored on resume;
+      resuming a checkpoint trained with other ``gap_terms``/``base_loss`` is a ``ValueError`` naming both.
 
     Args:
         processor: the backbone's processor, to embed the evaluation images and captions.
@@ -97,6 +113,49 @@ class GapClipTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_staging", False) else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint, written to ``run_dir/.checkpoint-staging/checkpoint-N`` and then renamed (one
+        ``os.replace``) to ``run_dir/checkpoint-N``: a kill during the save leaves no incomplete ``checkpoint-N``."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = os.path.join(run_dir, STAGING_DIR), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(os.path.join(staging, name)):
+            shutil.rmtree(os.path.join(staging, name))  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every process wrote its part (RNG state per rank)
+        if self.args.should_save:
+            best = self.state.best_global_step
+            if best:  # the stock code looked for the best checkpoint in the staging folder: point at the real one
+                best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best}")
+                if best == self.state.global_step or os.path.exists(best_dir):
+                    self.state.best_model_checkpoint = best_dir
+                    self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+            if hasattr(self.train_batch_sampler, "state_dict"):  # e.g. K-means epoch and clusters, for resume
+                with open(os.path.join(staging, name, SAMPLER_STATE_NAME), "w", encoding="utf-8") as handle:
+                    json.dump(self.train_batch_sampler.state_dict(), handle)
+            if os.path.isdir(final):  # saving the same step again (e.g. rerun after a crash)
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            try:
+                os.rmdir(staging)
+            except OSError:
+                pass
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -163,6 +222,46 @@ class GapClipTrainer(Trainer):
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints and resume
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, str) and resume_from_checkpoint):
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            self._check_resume_objective(resume_from_checkpoint)
+            self._load_sampler_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_resume_objective(self, checkpoint: str) -> None:
+        """A checkpoint trained with another objective (terms, weights, options, base loss) is not this run's."""
+        path = os.path.join(checkpoint, "config.json")
+        model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        if not os.path.isfile(path) or not hasattr(model_config, "gap_terms"):
+            return
+        from .losses import validate_term_specs
+
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if "gap_terms" not in saved:
+            return
+        theirs = (validate_term_specs(saved.get("gap_terms")), saved.get("base_loss", "auto"))
+        ours = (validate_term_specs(model_config.gap_terms), model_config.base_loss)
+        if theirs != ours:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it was trained with gap_terms={theirs[0]}, base_loss={theirs[1]!r} "
+                f"but this run has gap_terms={ours[0]}, base_loss={ours[1]!r}. Resume with the checkpoint's "
+                "objective, or start the new objective in a fresh --output_dir (--model_name_or_path CHECKPOINT "
+                "starts it from those weights)."
+            )
+
+    def _load_sampler_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, SAMPLER_STATE_NAME)
+        if hasattr(self.train_batch_sampler, "load_state_dict") and os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                self.train_batch_sampler.load_state_dict(json.load(handle))
+            logger.info(f"Restored the batch sampler state from {path}.")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(

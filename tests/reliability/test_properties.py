@@ -125,3 +125,25 @@ def test_losses_finite_permutation_invariant_and_non_negative(drawn):
     permuted, _ = evaluate(raw, names, weights, scale, bias, perm)
     for name, value in values.items():
         assert torch.allclose(value, permuted[name], rtol=1e-7, atol=1e-9), (name, value.item(), permuted[name].item())
+
+
+def test_a_batch_that_shows_one_image_only_stays_finite():
+    """Edge case hypothesis rarely draws: every row is a caption of the same image (no negatives at all)."""
+    g = torch.Generator().manual_seed(0)
+    b, d = 3, 5
+    raw = {
+        "image": torch.randn(b, d, generator=g, dtype=torch.float64),
+        "text": torch.randn(b, d, generator=g, dtype=torch.float64),
+        "translation": torch.randn(b, d, generator=g, dtype=torch.float64),
+        "patch": torch.randn(b, 3, d, generator=g, dtype=torch.float64),
+        "token": torch.randn(b, 4, d, generator=g, dtype=torch.float64),
+        "teacher_image": F.normalize(torch.randn(b, TEACHER_DIM, generator=g, dtype=torch.float64), dim=-1),
+        "teacher_text": F.normalize(torch.randn(b, TEACHER_DIM, generator=g, dtype=torch.float64), dim=-1),
+        "patch_mask": torch.ones(b, 3, dtype=torch.bool), "token_mask": torch.ones(b, 4, dtype=torch.bool),
+        "has_translation": torch.ones(b, dtype=torch.bool), "image_index": torch.zeros(b, dtype=torch.long),
+    }
+    names = all_names()
+    values, grads = evaluate(raw, names, {n: 1.0 for n in names}, 10.0, -5.0)
+    assert all(torch.isfinite(v) for v in values.values()), values
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    assert values["triplet_hardest"] == 0 and values["triplet_sum"] == 0  # no negatives: no violation

@@ -9,6 +9,7 @@ dataset row; rows showing the same image share an embedding and so a cluster), a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,6 +116,7 @@ class KMeansBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.clustered_epoch = 0  # the epoch whose start produced the current labels (the initial ones serve 0)
         self.labels: np.ndarray = np.zeros(0, dtype=np.int64)
         self.update_embeddings(embeddings)
 
@@ -203,8 +205,12 @@ class KMeansBatchSampler(Sampler[list[int]]):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to reproduce the current epoch exactly: epoch, seed and cluster assignment."""
-        return {"epoch": self.epoch, "seed": self.seed, "labels": self.labels.tolist()}
+        """Everything needed to reproduce the current epoch exactly: epoch, seed and cluster assignment (and the
+        epoch it was computed for, so that a run resumed mid-epoch does not re-cluster)."""
+        return {
+            "epoch": self.epoch, "seed": self.seed, "clustered_epoch": self.clustered_epoch,
+            "labels": self.labels.tolist(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         labels = np.asarray(state["labels"], dtype=np.int64)
@@ -213,6 +219,7 @@ class KMeansBatchSampler(Sampler[list[int]]):
         self.labels = labels
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
+        self.clustered_epoch = int(state.get("clustered_epoch", self.epoch))
 
 
 class KMeansRefreshCallback(TrainerCallback):
@@ -222,6 +229,11 @@ class KMeansRefreshCallback(TrainerCallback):
     (K-means is seeded, so identical features give identical clusters everywhere). The Trainer calls
     ``on_epoch_begin`` before it iterates the epoch, so the new clusters serve that epoch; it also calls the
     sampler's ``set_epoch`` when it can reach it, otherwise call it yourself.
+
+    The epoch is read from the Trainer's ``state.epoch``, and an epoch whose clusters the sampler already holds
+    (``sampler.clustered_epoch``, restored from a checkpoint by :class:`~gapclip.GapClipTrainer`) is not
+    re-clustered: a run resumed mid-epoch keeps that epoch's clusters, one resumed at an epoch boundary
+    re-clusters with the checkpoint's weights, exactly as the uninterrupted run did.
 
     Args:
         sampler: the :class:`KMeansBatchSampler` of the training DataLoader.
@@ -240,9 +252,10 @@ class KMeansRefreshCallback(TrainerCallback):
         self.epochs_seen = 0
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
-        epoch = self.epochs_seen
-        self.epochs_seen += 1
-        if epoch == 0 or epoch % self.every_n_epochs:
+        # The Trainer's epoch, so that a resumed run counts from where it stopped (a bare call counts calls).
+        epoch = int(math.floor(state.epoch or 0)) if state is not None else self.epochs_seen
+        self.epochs_seen = epoch + 1
+        if epoch == 0 or epoch % self.every_n_epochs or self.sampler.clustered_epoch == epoch:
             return control
         was_training = getattr(model, "training", False)
         if model is not None:
@@ -252,6 +265,7 @@ class KMeansRefreshCallback(TrainerCallback):
         if was_training:
             model.train()
         self.sampler.update_embeddings(features)
+        self.sampler.clustered_epoch = epoch
         logger.info("KMeansBatchSampler re-clustered %d samples (epoch %d).", self.sampler.num_samples, epoch)
         return control
 

@@ -165,17 +165,28 @@ class CaptionPairs(torch.utils.data.Dataset):
         if len(empty):
             ids = [self.dataset[int(r)]["image_id"] for r in empty[:5]]
             raise ValueError(f"CaptionPairs: {len(empty)} image(s) have no caption, e.g. image_id(s) {ids}.")
+        blank = np.flatnonzero(self._blank)
+        if len(blank):
+            ids = [self.dataset[int(r)]["image_id"] for r in blank[:5]]
+            raise ValueError(
+                f"CaptionPairs: {int(self._blank.sum())} caption(s) of {len(blank)} image(s) are empty or "
+                f"whitespace-only, e.g. image_id(s) {ids}; drop them first (gapclip's loaders do)."
+            )
         self._ends = np.cumsum(self._counts)
 
     def _caption_counts(self) -> np.ndarray:
-        lengths = self._raw.map(
-            lambda captions: {"n": [len(c) for c in captions]},
+        counted = self._raw.map(
+            lambda captions: {
+                "n": [len(c) for c in captions],
+                "blank": [sum(not (text or "").strip() for text in c) for c in captions],
+            },
             batched=True,
             input_columns="captions",
             remove_columns=self._raw.column_names,
             keep_in_memory=True,
-        )["n"]
-        return np.asarray(lengths, dtype=np.int64)
+        )
+        self._blank = np.asarray(counted["blank"], dtype=np.int64)
+        return np.asarray(counted["n"], dtype=np.int64)
 
     @property
     def num_images(self) -> int:

@@ -131,7 +131,8 @@ class TripletLoss(nn.Module):
       among its negatives). Weights are normalised in log space. Sampling uses a CPU ``torch.Generator`` seeded
       with ``seed + call_count`` (``call_count`` counts forward calls of this module), so a run is reproducible
       and every process of a data-parallel run draws the same negatives for the (identical) global batch; the count
-      is not checkpointed, so a resumed run draws a fresh but still deterministic stream. Sampling is not
+      is a buffer saved with the model, so a run resumed from a checkpoint draws the negatives the uninterrupted
+      run drew. Sampling is not
       differentiable; the gradient flows through the hinge of the sampled negative.
 
     Our reading: the per-pair losses are *averaged* over the batch (VSE++ sums them); the optimum is the same
@@ -171,13 +172,16 @@ class TripletLoss(nn.Module):
         self.seed = seed
         self.distance_cutoff = distance_cutoff
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
-        self.call_count = 0
+        if mining == "distance_weighted":  # checkpointed with the model: exact resume of the sampling stream
+            self.register_buffer("call_count", torch.zeros((), dtype=torch.long))
+        else:
+            self.call_count = 0
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         scores = batch.image_embeds @ batch.text_embeds.t()
         generator = None
         if self.mining == "distance_weighted":
-            generator = torch.Generator().manual_seed(self.seed + self.call_count)
+            generator = torch.Generator().manual_seed(self.seed + int(self.call_count))
             self.call_count += 1
         return self.compute_loss_from_scores(
             scores, batch.positive_mask, embed_dim=batch.image_embeds.shape[1], generator=generator

