@@ -60,6 +60,42 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
     return times
 
 
+def paired(
+    fns: dict[str, Callable[[], Any]], reference: str, repeats: int, warmup: int = 1, device: str = "cpu"
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time every variant back to back with its own run of ``reference``, ``repeats`` rounds after a warm-up.
+
+    Each round runs, for every variant, the pair (reference, variant), in alternating order from round to round so
+    that drift within a pair cancels. Returns wall seconds per call (the reference's list has one entry per pair)
+    and, per variant, the ratio variant / reference of each pair. Pairing makes the ratios robust to the load
+    changes of a shared machine, which a single reference run per round of many variants is not.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    ratios: dict[str, list[float]] = {name: [] for name in fns if name != reference}
+
+    def timed(name: str) -> float:
+        sync(device)
+        start = time.perf_counter()
+        fns[name]()
+        sync(device)
+        elapsed = time.perf_counter() - start
+        times[name].append(elapsed)
+        return elapsed
+
+    for round_index in range(repeats):
+        for name in ratios:
+            if round_index % 2 == 0:
+                ref, var = timed(reference), timed(name)
+            else:
+                var, ref = timed(name), timed(reference)
+            ratios[name].append(var / ref)
+    return times, ratios
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

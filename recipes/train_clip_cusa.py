@@ -16,8 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gapclip.cli import DataArguments, demo_root, load_datasets, parse_args, run_training
-from gapclip.teachers import TeacherStore, check_coverage, precompute_teachers
+from transformers.utils import logging
+
+from gapclip.cli import DataArguments, default_teacher_dir, load_datasets, parse_args, run_training
+from gapclip.teachers import DEFAULT_TEXT_TEACHER_NAME, TeacherStore, check_coverage, precompute_teachers
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -50,14 +54,6 @@ class CUSAArguments:
         return terms
 
 
-def default_teacher_dir(data_args: DataArguments) -> Path:
-    if data_args.dataset == "demo":
-        return demo_root(data_args) / "teachers"
-    anchor = data_args.karpathy_json or data_args.data_file or data_args.dataset_name
-    path = Path(anchor)
-    return (path if path.is_dir() else path.parent) / "teachers"
-
-
 def prepare_teachers(method: CUSAArguments, data_args: DataArguments) -> TeacherStore:
     """Load the teacher embeddings, computing them first when missing; every used id must be covered."""
     datasets = load_datasets(data_args)
@@ -69,7 +65,15 @@ def prepare_teachers(method: CUSAArguments, data_args: DataArguments) -> Teacher
             batch_size=method.teacher_batch_size,
         )
     store = TeacherStore.load(file)
+    wanted = {"text_teacher": method.text_teacher or DEFAULT_TEXT_TEACHER_NAME, "image_teacher": method.image_teacher}
+    recorded = {"text_teacher": store.text_teacher, "image_teacher": store.image_teacher}
+    if wanted != recorded:  # a file precomputed with other teachers is used as it is; say so rather than recompute
+        logger.warning(
+            f"{file} was computed with teachers {recorded}, not the {wanted} named by the flags; using it as it is. "
+            "Pass --teachers with another folder (or delete the file) to compute it with the flagged teachers."
+        )
     check_coverage(store, datasets)
+    logger.info(f"CUSA teachers: {store} from {file}")
     return store
 
 

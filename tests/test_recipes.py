@@ -205,3 +205,22 @@ def test_recipes_parse_from_the_command_line(lgmgc, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["train_clip_lgmgc.py", "--base_loss", "hinge", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--base_loss must be auto, infonce, sigmoid or triplet, got 'hinge'"):
         lgmgc.main()
+
+
+def test_cusa_recipe_precomputes_once_then_reuses_the_file(tiny_demo_root, tmp_path, caplog):
+    cusa = load_recipe("train_clip_cusa")
+    teachers = tmp_path / "teachers"
+    flags = tiny_flags(tmp_path / "out", "--max_steps", "2", "--skip_initial_eval", "true",
+                       "--teachers", str(teachers), "--teacher_batch_size", "32", terms=False)
+    flags = [f for f in flags if f not in ("--no_lsc", "--no_gst")]  # LG-MGC's flags; the CUSA recipe has its own
+    result = cusa.main(flags)
+    file = teachers / "teachers.safetensors"
+    assert file.is_file() and result["trainer"].state.global_step == 2
+    assert [s["name"] for s in result["trainer"].model.config.gap_terms] == ["csa", "usa"]
+    assert {"loss_csa", "loss_usa"} <= set(result["rows"]["after training"])
+    stamp = file.stat().st_mtime_ns
+    with caplog.at_level("WARNING"):
+        cusa.main([*flags, "--output_dir", str(tmp_path / "out2"), "--text_teacher", "some/other-teacher"])
+    assert file.stat().st_mtime_ns == stamp  # reused, not recomputed (the other teacher is not even loadable here)
+    assert any("computed with teachers" in r.getMessage() and "some/other-teacher" in r.getMessage()
+               for r in caplog.records)

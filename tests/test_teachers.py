@@ -166,13 +166,32 @@ def test_cls_pooling_and_bad_inputs(dataset, vit_path, tmp_path):
         precompute_teachers(dataset["test"].remove_columns("captions"), output_dir=tmp_path)
 
 
-def test_recipe_on_demo_data_writes_next_to_the_dataset(tmp_path):
+def test_recipe_takes_the_training_flags_and_writes_where_cusa_looks(tmp_path):
+    from gapclip.cli import DataArguments, default_teacher_dir
     from recipes.precompute_teachers import main
 
-    kwargs = json.dumps({"num_train": 3, "num_val": 1, "num_test": 2, "image_size": 32})
-    path = main(["--dataset", "demo", "--path", str(tmp_path / "demo"), "--dataset_kwargs", kwargs,
-                 "--batch_size", "8", "--device", "cpu"])
-    assert path == tmp_path / "demo" / "teachers" / "teachers.safetensors"
+    demo = ["--dataset", "demo", "--demo_train", "3", "--demo_val", "1", "--demo_test", "2", "--demo_image_size", "32"]
+    path = main([*demo, "--batch_size", "8", "--device", "cpu"])
+    expected = default_teacher_dir(DataArguments(dataset="demo", demo_train=3, demo_val=1, demo_test=2,
+                                                 demo_image_size=32))
+    assert path == expected / "teachers.safetensors"  # train_clip_cusa.py finds it with the same flags
     assert len(TeacherStore.load(path)) == 6
-    with pytest.raises(ValueError, match="--dataset karpathy needs --path"):
+    only_test = main([*demo, "--splits", "test", "--output_dir", str(tmp_path / "t"), "--device", "cpu"])
+    assert len(TeacherStore.load(only_test)) == 2
+    with pytest.raises(ValueError, match=r"--splits 'tset': no split\(s\) \['tset'\]; the dataset has"):
+        main([*demo, "--splits", "tset", "--output_dir", str(tmp_path / "u")])
+    with pytest.raises(ValueError, match="--dataset karpathy needs --karpathy_json FILE and --image_root FOLDER"):
         main(["--dataset", "karpathy"])
+
+
+def test_default_teacher_dir_per_source(tmp_path, gapclip_cache):
+    from gapclip.cli import DataArguments, default_teacher_dir
+
+    json_file = tmp_path / "dataset_flickr30k.json"
+    karpathy = DataArguments(dataset="karpathy", karpathy_json=str(json_file), image_root=str(tmp_path))
+    assert default_teacher_dir(karpathy) == tmp_path / "teachers"
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    assert default_teacher_dir(DataArguments(dataset="hub", dataset_name=str(saved))) == saved / "teachers"
+    by_name = DataArguments(dataset="hub", dataset_name="org/captions")
+    assert default_teacher_dir(by_name) == gapclip_cache / "teachers" / "org__captions"

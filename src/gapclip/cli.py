@@ -123,9 +123,14 @@ class GapClipTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads images."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Stop after this many consecutive steps skipped for a NaN/inf loss or gradient."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator needs the image and caption columns.")
 
@@ -206,6 +211,22 @@ def demo_root(data_args: DataArguments) -> Path:
         num_train=data_args.demo_train, num_val=data_args.demo_val, num_test=data_args.demo_test,
         image_size=data_args.demo_image_size,
     )
+
+
+def default_teacher_dir(data_args: DataArguments) -> Path:
+    """Where CUSA's ``teachers.safetensors`` lives by default: a ``teachers`` folder next to the data.
+
+    Demo data: inside the demo folder. Karpathy/CSV/JSONL: next to the captions file. A local Hub-format dataset
+    (``save_to_disk`` folder or parquet file): inside / next to it. A Hub dataset by name has no local folder of
+    its own, so its teachers go to ``$GAPCLIP_CACHE`` (or ``~/.cache/gapclip``) ``/teachers/<org>__<name>``.
+    """
+    if data_args.dataset == "demo":
+        return demo_root(data_args) / "teachers"
+    anchor = Path(data_args.karpathy_json or data_args.data_file or data_args.dataset_name)
+    if data_args.dataset == "hub" and not anchor.exists():
+        cache = Path(os.environ.get("GAPCLIP_CACHE") or Path.home() / ".cache" / "gapclip")
+        return cache / "teachers" / str(data_args.dataset_name).replace("/", "__")
+    return (anchor if anchor.is_dir() else anchor.parent) / "teachers"
 
 
 def scratch_clip_config(processor: Any, image_size: int, width: int, layers: int) -> CLIPConfig:
@@ -332,7 +353,7 @@ def run_training(
     trainer = GapClipTrainer(
         model=model, args=training_args, train_dataset=pairs, eval_dataset=evaluation, data_collator=collator,
         processing_class=processor, processor=processor, coco_1k=data_args.coco_1k, callbacks=callbacks,
-        train_batch_sampler=batch_sampler,
+        train_batch_sampler=batch_sampler, max_nonfinite_steps=training_args.max_nonfinite_steps,
     )
     if training_args.per_device_train_batch_size * training_args.world_size < 2:
         raise ValueError(

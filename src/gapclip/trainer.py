@@ -99,7 +99,7 @@ class GapClipTrainer(Trainer):
         self.eval_loss_terms = eval_loss_terms
         # Our forward takes no `num_items_in_batch`: let the Trainer scale the loss for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_sums: dict[str, torch.Tensor | float] = {}
         self._term_count = 0
         self.add_callback(EpochCallback(self.train_dataset, self.train_batch_sampler))
 
@@ -182,12 +182,17 @@ class GapClipTrainer(Trainer):
         self._last_loss_terms = {}
         loss = super().training_step(model, inputs, num_items_in_batch)
         terms = self._last_loss_terms
-        bad_terms = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-        finite = bool(torch.isfinite(loss).all()) and not bad_terms and self._grads_finite(model)
+        checks = [torch.isfinite(loss).all(), *(torch.isfinite(value).all() for value in terms.values())]
+        if getattr(self.accelerator, "scaler", None) is None:
+            # Under fp16 loss scaling, overflowing gradients are routine: the GradScaler skips those steps itself.
+            checks.append(self._grads_finite(model))
+        flags = torch.stack([check.to(loss.device) for check in checks]).tolist()  # the step's one host sync
+        bad_terms = [name for name, ok in zip(terms, flags[1 : 1 + len(terms)]) if not ok]
+        finite = all(flags)
         if finite and not self._guard_step_bad:
             if terms:
-                for name, value in terms.items():
-                    self._term_sums[name] += value.float().item()
+                for name, value in terms.items():  # summed on the device, read when logged
+                    self._term_sums[name] = self._term_sums.get(name, 0.0) + value.float()
                 self._term_count += 1
             return loss
         model.zero_grad(set_to_none=True)
@@ -209,16 +214,21 @@ class GapClipTrainer(Trainer):
         return torch.zeros_like(loss)
 
     @staticmethod
-    def _grads_finite(model) -> bool:
+    def _grads_finite(model) -> torch.Tensor:
+        """A 0-d bool tensor: every gradient is finite (no host sync; fused per-tensor norms, as gradient clipping).
+
+        A NaN/inf element makes the total norm NaN/inf; so would finite gradients whose norm overflows the dtype
+        (beyond ~3e38 in fp32), which is a step worth skipping too.
+        """
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            return torch.ones((), dtype=torch.bool)
+        return torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_count:
             for name, total in self._term_sums.items():
-                logs[f"loss_{name}"] = round(total / self._term_count, 6)
+                logs[f"loss_{name}"] = round(float(total) / self._term_count, 6)
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, start_time)

@@ -1,10 +1,11 @@
 """The bad-input matrix: each row raises a clear error (type + the culprit named) or just works.
 
-Rows already covered elsewhere are not repeated here (see ``TROUBLESHOOTING.md``): corrupt image and the skip
-mode (``tests/data/test_pairs_collator.py``), greyscale/RGBA/palette images (``test_non_rgb_images_are_converted``),
-over-long captions (``test_collator_truncates_and_warns_once``), missing image files, empty captions and duplicate
-ids in each loader (``tests/data/test_loaders.py``), teacher coverage (``tests/test_teachers.py``), GST missing
-translations (``tests/losses/test_lgmgc.py``), batch of one (``tests/test_recipes.py``).
+Rows already covered elsewhere are not repeated here (see the README's Troubleshooting table): corrupt image and
+the skip mode (``tests/data/test_pairs_collator.py``), greyscale/RGBA/palette images
+(``test_non_rgb_images_are_converted``), over-long captions (``test_collator_truncates_and_warns_once``), missing
+image files, empty captions and duplicate ids in each loader (``tests/data/test_loaders.py``), teacher coverage
+(``tests/test_teachers.py``), GST missing translations (``tests/losses/test_lgmgc.py``), batch of one
+(``tests/test_recipes.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datasets import Dataset
 from PIL import Image as PILImage
 
 from gapclip import GapClipConfig, GapClipModel
-from gapclip.data import CAPTION_FEATURES, CaptionPairs, GapClipCollator
+from gapclip.data import CAPTION_FEATURES, CaptionPairs, GapClipCollator, IterableCaptionPairs
 from gapclip.data.kmeans_sampler import KMeansBatchSampler
 from gapclip.testing import tiny_clip_config
 
@@ -104,6 +105,9 @@ def test_whitespace_only_captions_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError) as info:
         CaptionPairs(split)
     assert "id1" in str(info.value)
+    with pytest.raises(ValueError) as info:  # the streaming twin finds it when it reaches the row
+        list(IterableCaptionPairs(split.to_iterable_dataset()))
+    assert "id1" in str(info.value) and "row 1" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------------ resume

@@ -106,3 +106,34 @@ def test_a_clean_step_resets_the_count(lgmgc, probe, tiny_demo_root, tmp_path):
     probe.nan_calls = {2, 3, 5, 6}  # never 3 in a row
     result = lgmgc.main(flags(tmp_path / "out", 7, "--save_strategy", "no"))
     assert result["trainer"].state.global_step == 7
+
+
+def test_max_nonfinite_steps_flag_sets_the_limit(lgmgc, probe, tiny_demo_root, tmp_path):
+    probe.nan_from = 2
+    with pytest.raises(RuntimeError, match="2 consecutive optimizer steps"):
+        lgmgc.main(flags(tmp_path / "out", 10, "--save_strategy", "no", "--max_nonfinite_steps", "2"))
+    with pytest.raises(ValueError, match="--max_nonfinite_steps must be >= 1, got 0"):
+        lgmgc.main(flags(tmp_path / "out2", 1, "--max_nonfinite_steps", "0"))
+
+
+@pytest.mark.parametrize("loss_scaling", [False, True], ids=["fp32", "fp16_grad_scaler"])
+def test_inf_gradient_with_a_finite_loss(tiny_demo_processor, tiny_demo_datasets, tmp_path, loss_scaling):
+    """An inf gradient skips the step; under fp16 loss scaling the GradScaler owns overflow, so the guard stays out."""
+    from ..test_trainer import make_trainer, training_args
+
+    trainer = make_trainer(tiny_demo_processor, tiny_demo_datasets, training_args(tmp_path))
+    if loss_scaling:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # as accelerate sets up for --fp16
+    model = trainer.model
+    scale = model.backbone.logit_scale
+    scale.register_hook(lambda grad: grad * float("inf"))
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop, which this test bypasses
+    loss = trainer.training_step(model, inputs)
+    assert torch.isfinite(loss)
+    if loss_scaling:
+        assert trainer._consecutive_nonfinite == 0 and torch.isinf(scale.grad).all()
+    else:
+        assert trainer._consecutive_nonfinite == 1 and loss.item() == 0.0
+        assert all(p.grad is None for p in model.parameters())  # zeroed: AdamW leaves every parameter untouched

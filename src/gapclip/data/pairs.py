@@ -322,6 +322,11 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
             captions = record["captions"]
             if not captions:
                 raise ValueError(f"IterableCaptionPairs: image_id={image_id!r} (row {row}) has no caption.")
+            if any(not (text or "").strip() for text in captions):
+                raise ValueError(
+                    f"IterableCaptionPairs: image_id={image_id!r} (row {row}) has an empty or whitespace-only "
+                    f"caption ({list(captions)!r}); drop it first (gapclip's loaders do)."
+                )
             if self.mode == "one_per_image":
                 indices = [choose_caption_index(len(captions), seed=self.seed, epoch=self.epoch, row=row)]
             else:
