@@ -211,8 +211,7 @@ def test_cusa_recipe_precomputes_once_then_reuses_the_file(tiny_demo_root, tmp_p
     cusa = load_recipe("train_clip_cusa")
     teachers = tmp_path / "teachers"
     flags = tiny_flags(tmp_path / "out", "--max_steps", "2", "--skip_initial_eval", "true",
-                       "--teachers", str(teachers), "--teacher_batch_size", "32", terms=False)
-    flags = [f for f in flags if f not in ("--no_lsc", "--no_gst")]  # LG-MGC's flags; the CUSA recipe has its own
+                       "--teachers", str(teachers), "--teacher_batch_size", "32", terms=True)  # no LG-MGC flags
     result = cusa.main(flags)
     file = teachers / "teachers.safetensors"
     assert file.is_file() and result["trainer"].state.global_step == 2

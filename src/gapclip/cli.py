@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from .configuration import GapClipConfig, check_dual_encoder_config
 from .data import CaptionPairs, GapClipCollator, IterableCaptionPairs, load_caption_dataset, make_demo_processor
-from .data.demo import make_demo_dataset
+from .data.demo import cache_root, make_demo_dataset
 from .evaluation import format_retrieval_table
 from .losses import validate_term_specs
 from .lora import load_gapclip_model
@@ -224,8 +224,7 @@ def default_teacher_dir(data_args: DataArguments) -> Path:
         return demo_root(data_args) / "teachers"
     anchor = Path(data_args.karpathy_json or data_args.data_file or data_args.dataset_name)
     if data_args.dataset == "hub" and not anchor.exists():
-        cache = Path(os.environ.get("GAPCLIP_CACHE") or Path.home() / ".cache" / "gapclip")
-        return cache / "teachers" / str(data_args.dataset_name).replace("/", "__")
+        return cache_root() / "teachers" / str(data_args.dataset_name).replace("/", "__")
     return (anchor if anchor.is_dir() else anchor.parent) / "teachers"
 
 

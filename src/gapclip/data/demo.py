@@ -108,10 +108,14 @@ class DemoObject:
         return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
+def cache_root() -> Path:
+    """gapclip's cache folder: `$GAPCLIP_CACHE`, or `~/.cache/gapclip`."""
+    return Path(os.environ.get("GAPCLIP_CACHE") or Path.home() / ".cache" / "gapclip")
+
+
 def default_demo_root(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> Path:
-    """`$GAPCLIP_CACHE` (or `~/.cache/gapclip`) / `demo-v1-<train>-<val>-<test>-<size>-s<seed>`."""
-    base = Path(os.environ.get("GAPCLIP_CACHE") or Path.home() / ".cache" / "gapclip")
-    return base / f"{DEMO_VERSION}-{num_train}-{num_val}-{num_test}-{image_size}-s{seed}"
+    """`cache_root()` / `demo-v1-<train>-<val>-<test>-<size>-s<seed>`."""
+    return cache_root() / f"{DEMO_VERSION}-{num_train}-{num_val}-{num_test}-{image_size}-s{seed}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
