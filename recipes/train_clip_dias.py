@@ -4,7 +4,8 @@ constraints (L_inter Eq. 8/15, L_intra Eq. 10/16) on top of the triplet loss (Eq
 batches (Sec. 3.5).
 
 Weights default to the paper's (Sec. 4.4 / Fig. 7): ω_dim = 10, ω_inter = 0.05, ω_intra = 0.1; the base loss is
-the triplet loss with distance-weighted negatives (Eq. 3) unless `--base_loss` says otherwise.
+the triplet loss with distance-weighted negatives (Eq. 3) unless `--base_loss` says otherwise, summed over the batch
+(`--triplet_reduction sum`, the VSE++/SCAN convention the paper's ω are set against).
 
     accelerate launch recipes/train_clip_dias.py                          # offline demo
     accelerate launch recipes/train_clip_dias.py --model_name_or_path openai/clip-vit-base-patch16 \\
@@ -85,11 +86,15 @@ class DIASArguments:
 
 
 def use_paper_base_loss(model_args) -> None:
-    """``--base_loss auto`` means DIAS's own: the triplet loss with distance-weighted negatives (Eq. 3)."""
+    """``--base_loss auto`` means DIAS's own: the triplet loss with distance-weighted negatives (Eq. 3). Unless
+    ``--triplet_reduction`` says otherwise it is *summed* over the batch, as in the VSE++/SCAN code DIAS builds on:
+    the paper's ω are set against that scale."""
     if model_args.base_loss == "auto":
         model_args.base_loss = "triplet"
         if model_args.triplet_mining == "hardest":
             model_args.triplet_mining = "distance_weighted"
+    if model_args.triplet_reduction is None:
+        model_args.triplet_reduction = "sum"
 
 
 def main(argv: list[str] | None = None):

@@ -223,3 +223,19 @@ def test_cusa_recipe_precomputes_once_then_reuses_the_file(tiny_demo_root, tmp_p
     assert file.stat().st_mtime_ns == stamp  # reused, not recomputed (the other teacher is not even loadable here)
     assert any("computed with teachers" in r.getMessage() and "some/other-teacher" in r.getMessage()
                for r in caplog.records)
+
+
+def test_dias_recipe_sums_the_triplet_loss_unless_told_otherwise(monkeypatch):
+    """DIAS's ω are set against the VSE++/SCAN hinge loss summed over the batch: the recipe uses that scale."""
+    monkeypatch.syspath_prepend(str(RECIPES))
+    dias = load_recipe("train_clip_dias")
+    from gapclip.cli import ModelArguments
+
+    args = ModelArguments()
+    dias.use_paper_base_loss(args)
+    assert (args.base_loss, args.triplet_mining, args.triplet_reduction) == ("triplet", "distance_weighted", "sum")
+    args = ModelArguments(triplet_reduction="mean")
+    dias.use_paper_base_loss(args)
+    assert args.triplet_reduction == "mean"
+    with pytest.raises(ValueError, match="--triplet_reduction must be mean or sum, got 'max'"):
+        ModelArguments(triplet_reduction="max")

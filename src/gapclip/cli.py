@@ -44,7 +44,16 @@ class ModelArguments:
     processor_name_or_path: str | None = field(default=None, metadata={"help": "Processor, if not the model's."})
     base_loss: str = field(default="auto", metadata={"help": "auto | infonce | sigmoid | triplet"})
     triplet_margin: float = field(default=0.2, metadata={"help": "Margin α of the triplet base loss."})
-    triplet_mining: str = field(default="hardest", metadata={"help": "hardest | sum (negatives of the triplet loss)."})
+    triplet_mining: str = field(
+        default="hardest", metadata={"help": "hardest | sum | distance_weighted (negatives of the triplet loss)."}
+    )
+    triplet_reduction: str | None = field(
+        default=None,
+        metadata={
+            "help": "mean | sum of the triplet loss over the batch; default: sum in the DIAS recipe (the VSE++/SCAN "
+            "convention its weights are set against), mean elsewhere."
+        },
+    )
     scratch_width: int = field(default=128, metadata={"help": "Width of the from-scratch demo CLIP towers."})
     scratch_layers: int = field(default=3, metadata={"help": "Layers per tower of the from-scratch demo CLIP."})
     gap_terms: str | None = field(
@@ -55,6 +64,12 @@ class ModelArguments:
     def __post_init__(self):
         if self.base_loss not in ("auto", "infonce", "sigmoid", "triplet"):
             raise ValueError(f"--base_loss must be auto, infonce, sigmoid or triplet, got {self.base_loss!r}.")
+        if self.triplet_mining not in ("hardest", "sum", "distance_weighted"):
+            raise ValueError(
+                f"--triplet_mining must be hardest, sum or distance_weighted, got {self.triplet_mining!r}."
+            )
+        if self.triplet_reduction not in (None, "mean", "sum"):
+            raise ValueError(f"--triplet_reduction must be mean or sum, got {self.triplet_reduction!r}.")
 
 
 @dataclass
@@ -245,7 +260,7 @@ def build_model_and_processor(
 ) -> tuple[GapClipModel, Any]:
     config_kwargs = {
         "gap_terms": gap_terms, "base_loss": model_args.base_loss, "triplet_margin": model_args.triplet_margin,
-        "triplet_mining": model_args.triplet_mining,
+        "triplet_mining": model_args.triplet_mining, "triplet_reduction": model_args.triplet_reduction or "mean",
     }
     path = model_args.model_name_or_path
     if path is None:

@@ -32,6 +32,8 @@ class GapClipConfig(PretrainedConfig):
             `base + Σ weight · term`. See `gapclip.losses.describe_terms()` for names and options.
         triplet_margin (`float`, *optional*, defaults to 0.2): α of the triplet base loss.
         triplet_mining (`str`, *optional*, defaults to `"hardest"`): negatives of the triplet base loss.
+        triplet_reduction (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"sum"` of the triplet loss over the
+            batch. DIAS's weights are set against the VSE++/SCAN convention, `"sum"` (see `TripletLoss`).
         gather_with_grad (`bool`, *optional*, defaults to `True`):
             Gather embeddings across processes with gradients, so every process computes the loss of the global
             batch and multi-process training equals single-process training on the concatenated batch.
@@ -54,6 +56,7 @@ class GapClipConfig(PretrainedConfig):
         gap_terms: list[dict[str, Any]] | None = None,
         triplet_margin: float = 0.2,
         triplet_mining: str = "hardest",
+        triplet_reduction: str = "mean",
         gather_with_grad: bool = True,
         logit_scale_max: float = 100.0,
         **kwargs,
@@ -70,6 +73,8 @@ class GapClipConfig(PretrainedConfig):
         check_dual_encoder_config(backbone_config)
         if base_loss not in BASE_LOSS_NAMES:
             raise ValueError(f"base_loss must be one of {list(BASE_LOSS_NAMES)}, got {base_loss!r}.")
+        if triplet_reduction not in ("mean", "sum"):
+            raise ValueError(f"triplet_reduction must be 'mean' or 'sum', got {triplet_reduction!r}.")
         if not (math.isfinite(logit_scale_max) and logit_scale_max > 0):
             raise ValueError(f"logit_scale_max must be finite and > 0, got {logit_scale_max}.")
         # PretrainedConfig.__init__ sets `_attn_implementation` (None unless given) recursively on the sub-configs: run it
@@ -84,6 +89,7 @@ class GapClipConfig(PretrainedConfig):
         self.gap_terms = validate_term_specs(gap_terms)
         self.triplet_margin = triplet_margin
         self.triplet_mining = triplet_mining
+        self.triplet_reduction = triplet_reduction
         self.gather_with_grad = gather_with_grad
         self.logit_scale_max = logit_scale_max
 

@@ -163,7 +163,8 @@ def training_config(
     backbone_config = config.backbone_config
     base_loss = config.resolved_base_loss
     base_loss_options = (
-        {"margin": config.triplet_margin, "mining": config.triplet_mining} if base_loss == "triplet" else {}
+        {"margin": config.triplet_margin, "mining": config.triplet_mining, "reduction": config.triplet_reduction}
+        if base_loss == "triplet" else {}
     )
     terms = []
     for spec in config.gap_terms:

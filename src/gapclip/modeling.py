@@ -137,7 +137,10 @@ class GapClipModel(GapClipPreTrainedModel):
                 f"{self.backbone.config.model_type!r} has none. Use base_loss='infonce' or 'triplet'."
             )
         if name == "triplet":
-            return TripletLoss(margin=self.config.triplet_margin, mining=self.config.triplet_mining)
+            return TripletLoss(
+                margin=self.config.triplet_margin, mining=self.config.triplet_mining,
+                reduction=self.config.triplet_reduction,
+            )
         return BASE_LOSSES[name]()
 
     # ------------------------------------------------------------------ encoding

@@ -29,6 +29,7 @@ def make_model(spec: dict[str, Any]) -> GapClipModel:
     config = GapClipConfig(
         backbone, gap_terms=spec.get("gap_terms"), base_loss=spec.get("base_loss", "auto"),
         triplet_mining=spec.get("triplet_mining", "hardest"),
+        triplet_reduction=spec.get("triplet_reduction", "mean"),
     )
     model = GapClipModel(config)
     model.eval()  # no dropout: the two runs must see the same function

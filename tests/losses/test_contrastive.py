@@ -273,5 +273,5 @@ def test_losses_document_themselves():
     for cls in (InfoNCELoss, SigmoidLoss, TripletLoss):
         assert cls.citation.startswith("@")
         assert "arXiv" in (cls.__doc__ or "") or cls is TripletLoss
-    assert TripletLoss(0.3, "sum").get_config_dict() == {"margin": 0.3, "mining": "sum"}
+    assert TripletLoss(0.3, "sum").get_config_dict() == {"margin": 0.3, "mining": "sum", "reduction": "mean"}
     assert InfoNCELoss().get_config_dict() == {} and SigmoidLoss().get_config_dict() == {}

@@ -88,8 +88,9 @@ def np_spatial(img: np.ndarray, txt: np.ndarray, kind: str, positive: np.ndarray
     return total
 
 
-def np_sparse_mask(diff: np.ndarray, positive: np.ndarray, beta_v, beta_t) -> np.ndarray:
-    """Eq. 11-14 (our reading: p_ij > max(κ_i^V, κ_j^T)), statistics over unmatched entries, loops."""
+def np_sparse_mask(diff: np.ndarray, positive: np.ndarray, beta_v, beta_t, selection="dependency") -> np.ndarray:
+    """Eq. 11-14, statistics over unmatched entries, loops. ``selection="dependency"`` (our reading):
+    p_ij > max(κ_i^V, κ_j^T); ``"difference"`` (as printed): |d_ij| > max(κ_i^V, κ_j^T)."""
     n = diff.shape[0]
     p = 1 / (1 + np.exp(np.abs(diff)))
     kappa_v, kappa_t = np.zeros(n), np.zeros(n)
@@ -101,7 +102,8 @@ def np_sparse_mask(diff: np.ndarray, positive: np.ndarray, beta_v, beta_t) -> np
     keep = np.zeros((n, n))
     for i in range(n):
         for j in range(n):
-            keep[i, j] = float(not positive[i, j] and p[i, j] > max(kappa_v[i], kappa_t[j]))
+            compared = p[i, j] if selection == "dependency" else abs(diff[i, j])
+            keep[i, j] = float(not positive[i, j] and compared > max(kappa_v[i], kappa_t[j]))
     return keep
 
 
@@ -231,6 +233,37 @@ def test_sparse_mask_on_hand_built_matrix():
     assert torch.equal(ste.detach(), hard)
 
 
+def test_literal_eq14_mask_on_hand_built_matrix():
+    # Same matrix: |d01| = 0, |d02| = 1, |d12| = 2; κ (β = 0) from p: κ0 = 0.3845, κ1 = 0.3096, κ2 = 0.1941.
+    # Printed Eq. 14 keeps |d_ij| > max(κ_i^V, κ_j^T): every pair with |d| in {1, 2}, never the symmetric (0, 1).
+    diff = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -2.0], [-1.0, 2.0, 0.0]], dtype=torch.float64)
+    unmatched = ~torch.eye(3, dtype=torch.bool)
+    zeros = torch.zeros(3, dtype=torch.float64)
+    hard = sparse_correlation_mask(diff, unmatched, zeros, zeros, mask="hard", selection="difference")
+    assert hard.tolist() == [[0, 0, 1], [0, 0, 1], [1, 1, 0]]
+    # β^V_0 = 8: κ^V_0 = 0.3845 + 8 · 0.1155 = 1.308 > |d02| = 1, so (0, 2) goes; (2, 0) compares with κ^V_2 and
+    # κ^T_0 (β^T = 0) and stays.
+    beta_v = torch.tensor([8.0, 0.0, 0.0], dtype=torch.float64)
+    hard = sparse_correlation_mask(diff, unmatched, beta_v, zeros, mask="hard", selection="difference")
+    assert hard.tolist() == [[0, 0, 0], [0, 0, 1], [1, 1, 0]]
+    np.testing.assert_array_equal(
+        hard.numpy(), np_sparse_mask(diff.numpy(), ~unmatched.numpy(), beta_v.numpy(), zeros.numpy(), "difference")
+    )
+    ste = sparse_correlation_mask(diff, unmatched, beta_v, zeros, mask="straight_through", selection="difference")
+    assert torch.equal(ste.detach(), hard)
+
+
+@pytest.mark.parametrize("selection", ["dependency", "difference"])
+def test_literal_and_our_selection_through_the_term(selection):
+    img, txt = random_globals(b=6, seed=7)
+    term = InterSpatialLoss(5, selection=selection, mask="hard")
+    x = (img @ txt.t()).numpy()
+    diff = x - x.T
+    keep = np_sparse_mask(diff, np.eye(6, dtype=bool), np.zeros(6), np.zeros(6), selection)
+    expected = float((keep * diff**2).sum())
+    assert term(GapBatch(img, txt, torch.tensor(1.0))).item() == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("cls,kind", [(InterSpatialLoss, "inter"), (IntraSpatialLoss, "intra")])
 def test_sparse_spatial_terms_match_loops(cls, kind):
     img, txt = random_globals(b=7, seed=4)
@@ -342,6 +375,7 @@ def test_batch_larger_than_max_batch_size_raises():
         ("dias_intra", {"temperature": 0.0}, "temperature"),
         ("dias_dim", {"aggregation": "max"}, "aggregation"),
         ("dias_dim", {"correlation_transform": "abs"}, "correlation_transform"),
+        ("dias_inter", {"selection": "literal"}, "selection"),
     ],
 )
 def test_invalid_options_raise(name, options, match):

@@ -50,6 +50,27 @@ def test_hardest_and_sum_hand_computed():
     assert TripletLoss(a, "sum").compute_loss_from_scores(scores, eye).item() == pytest.approx(total)
 
 
+@pytest.mark.parametrize("mining", ["hardest", "sum", "distance_weighted"])
+def test_sum_reduction_is_batch_size_times_mean(mining):
+    # VSE++/SCAN/DIAS sum the hinge costs over the batch; "mean" divides by N.
+    b = batch(b=7, d=8, seed=3, image_index=torch.tensor([0, 1, 1, 2, 3, 4, 5]))
+    mean = TripletLoss(0.2, mining, reduction="mean")(b)
+    total = TripletLoss(0.2, mining, reduction="sum")(b)  # same sampler seed and call count: same negatives
+    assert total.item() == pytest.approx(7 * mean.item(), rel=1e-12)
+    assert total.item() > 0
+
+
+def test_triplet_reduction_through_config_and_bad_value():
+    config = GapClipConfig(tiny_clip_config(), base_loss="triplet", triplet_reduction="sum")
+    model = GapClipModel(config)
+    assert model.base_loss.reduction == "sum" and model.base_loss.get_config_dict()["reduction"] == "sum"
+    assert GapClipConfig.from_dict(config.to_dict()).triplet_reduction == "sum"
+    with pytest.raises(ValueError, match="triplet_reduction"):
+        GapClipConfig(tiny_clip_config(), triplet_reduction="max")
+    with pytest.raises(ValueError, match="reduction"):
+        TripletLoss(reduction="max")
+
+
 def test_distance_weights_match_wu_et_al():
     b = batch(b=5, d=16, seed=1)
     scores = (b.image_embeds @ b.text_embeds.t()).numpy()
@@ -103,7 +124,8 @@ def test_distance_weighted_is_deterministic_and_varies_between_calls():
     assert run1 == run2
     assert len(set(run1)) > 1  # a new draw per call
     assert first.get_config_dict() == {
-        "margin": 0.2, "mining": "distance_weighted", "seed": 3, "distance_cutoff": 0.5, "nonzero_loss_cutoff": 1.4
+        "margin": 0.2, "mining": "distance_weighted", "reduction": "mean", "seed": 3, "distance_cutoff": 0.5,
+        "nonzero_loss_cutoff": 1.4,
     }
 
 

@@ -135,8 +135,12 @@ class TripletLoss(nn.Module):
       run drew. Sampling is not
       differentiable; the gradient flows through the hinge of the sampled negative.
 
-    Our reading: the per-pair losses are *averaged* over the batch (VSE++ sums them); the optimum is the same
-    and the scale does not grow with the batch size when gap terms are added.
+    Reduction: ``reduction="sum"`` sums the per-query hinge costs over the batch, as the VSE++ and SCAN code does
+    (``ContrastiveLoss.forward`` returns ``cost_s.sum() + cost_im.sum()``); DIAS builds on that code, so its weights
+    (ω_dim = 10, ω_inter = 0.05, ω_intra = 0.1, Sec. 4.4) are set against the *summed* loss. ``"mean"`` (default)
+    divides by the batch size ``N``: the optimum is the same and the scale does not grow with the batch, but every
+    gap term then weighs ``N`` times more relative to the base loss than the paper's weights intend (128× at the
+    paper's Flickr30K batch). ``recipes/train_clip_dias.py`` uses ``"sum"``.
 
     References: Ma et al., *Beat the Modality Gap: Dimension Information Alignment and Sparse Spatial
     Constraint for Image-Text Matching* (DIAS), ACM MM 2024, Eq. 3; Faghri et al., VSE++, BMVC 2018.
@@ -147,19 +151,23 @@ class TripletLoss(nn.Module):
         seed: base seed of the distance-weighted sampler (default 0).
         distance_cutoff: lower clip of the distance in distance-weighted sampling (default 0.5, Wu et al.).
         nonzero_loss_cutoff: negatives at this distance or more are not sampled (default 1.4, Wu et al.).
+        reduction: ``"mean"`` (default) or ``"sum"`` over the queries of the batch (VSE++/SCAN/DIAS convention).
     """
 
     name: ClassVar[str] = "triplet"
     citation: ClassVar[str] = VSEPP_CITATION
     MINING: ClassVar[tuple[str, ...]] = ("hardest", "sum", "distance_weighted")
+    REDUCTIONS: ClassVar[tuple[str, ...]] = ("mean", "sum")
 
     def __init__(
         self, margin: float = 0.2, mining: str = "hardest", *, seed: int = 0, distance_cutoff: float = 0.5,
-        nonzero_loss_cutoff: float = 1.4,
+        nonzero_loss_cutoff: float = 1.4, reduction: str = "mean",
     ):
         super().__init__()
         if mining not in self.MINING:
             raise ValueError(f"triplet mining must be one of {list(self.MINING)}, got {mining!r}.")
+        if reduction not in self.REDUCTIONS:
+            raise ValueError(f"triplet reduction must be one of {list(self.REDUCTIONS)}, got {reduction!r}.")
         if margin < 0:
             raise ValueError(f"triplet margin must be >= 0, got {margin}.")
         if not 0 <= distance_cutoff < nonzero_loss_cutoff:
@@ -172,6 +180,7 @@ class TripletLoss(nn.Module):
         self.seed = seed
         self.distance_cutoff = distance_cutoff
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
+        self.reduction = reduction
         if mining == "distance_weighted":  # checkpointed with the model: exact resume of the sampling stream
             self.register_buffer("call_count", torch.zeros((), dtype=torch.long))
         else:
@@ -202,7 +211,7 @@ class TripletLoss(nn.Module):
         cost_text = cost_text.masked_fill(positive_mask, 0.0)
         cost_image = cost_image.masked_fill(positive_mask, 0.0)
         if self.mining == "hardest":
-            return (cost_text.max(dim=1).values + cost_image.max(dim=0).values).mean()
+            return self._reduce(cost_text.max(dim=1).values + cost_image.max(dim=0).values)
         if self.mining == "distance_weighted":
             if embed_dim is None:
                 raise ValueError("triplet mining='distance_weighted' needs embed_dim (the embedding dimension).")
@@ -214,8 +223,12 @@ class TripletLoss(nn.Module):
             image_choice = self.sample_distance_weighted(scores.t(), negatives.t(), embed_dim, generator)
             rows = torch.arange(scores.shape[0], device=scores.device)
             cols = torch.arange(scores.shape[1], device=scores.device)
-            return (cost_text[rows, text_choice] + cost_image[image_choice, cols]).mean()
-        return (cost_text.sum(dim=1) + cost_image.sum(dim=0)).mean()
+            return self._reduce(cost_text[rows, text_choice] + cost_image[image_choice, cols])
+        return self._reduce(cost_text.sum(dim=1) + cost_image.sum(dim=0))
+
+    def _reduce(self, per_query: torch.Tensor) -> torch.Tensor:
+        """``[N]`` per-pair costs (image query + caption query of pair i) → the batch loss."""
+        return per_query.sum() if self.reduction == "sum" else per_query.mean()
 
     def distance_weights(self, scores: torch.Tensor, negatives: torch.Tensor, embed_dim: int) -> torch.Tensor:
         """Unnormalised sampling weights ``min(λ, q(δ)⁻¹)`` per query row (Wu et al. 2017, Sec. 4), ``[Q, K]``.
@@ -246,7 +259,7 @@ class TripletLoss(nn.Module):
         return choice.to(scores.device)
 
     def get_config_dict(self) -> dict[str, Any]:
-        config = {"margin": self.margin, "mining": self.mining}
+        config = {"margin": self.margin, "mining": self.mining, "reduction": self.reduction}
         if self.mining == "distance_weighted":
             config.update(
                 seed=self.seed, distance_cutoff=self.distance_cutoff, nonzero_loss_cutoff=self.nonzero_loss_cutoff

@@ -213,6 +213,7 @@ def sparse_correlation_mask(
     beta_col: torch.Tensor,
     mask: str = "straight_through",
     temperature: float = 0.5,
+    selection: str = "dependency",
 ) -> torch.Tensor:
     """The sparse selection ``B`` of Eq. 11-14 for a spatial difference matrix (``X - Xᵀ`` or ``Y - Z``).
 
@@ -220,16 +221,23 @@ def sparse_correlation_mask(
     (population) standard deviation of ``p_i·`` over the row's *unmatched* entries; likewise per column for the
     text side. Soft thresholds ``κ_i^V = μ_i + β_i^V θ_i`` (Eq. 12) and ``κ_j^T = μ_j + β_j^T θ_j``.
 
-    Our reading of Eq. 14: κ is built from the dependencies p, so the comparison is made on p, and the paper's
-    selected "strong correlations" are those with a *high* dependency: ``b_ij = 1`` iff
-    ``p_ij > max(κ_i^V, κ_j^T)`` (equivalently ``|d_ij| < -logit(max(κ_i^V, κ_j^T))``: nearly symmetric pairs are kept,
-    strongly asymmetric ones, where the symmetry assumption fails, are dropped). Matched pairs (diagonal and rows
-    showing the same image) are never selected and never enter μ, θ.
+    Which quantity is compared with κ (``selection``):
 
-    How β learns (a hard mask has no gradient w.r.t. β): with ``z_ij = (p_ij - μ_i)/θ_i`` the hard test is
-    ``z_ij > β_i``; its relaxation is ``s_ij = sigmoid((z_ij - β_i^V)/τ) · sigmoid((z'_ij - β_j^T)/τ)`` (the
-    product relaxes the AND of the two thresholds, τ = ``temperature``). p, μ, θ enter the mask detached, so the
-    embeddings receive exactly the paper's gradient through ``b_ij (d_ij)²`` and only β learns through the mask.
+    - ``"dependency"`` (default, our reading): κ is built from the dependencies p, so the comparison is made on p,
+      and the paper's selected "strong correlations" are those with a *high* dependency: ``b_ij = 1`` iff
+      ``p_ij > max(κ_i^V, κ_j^T)`` (equivalently ``|d_ij| < -logit(max(κ_i^V, κ_j^T))``: nearly symmetric pairs are
+      kept, strongly asymmetric ones, where the symmetry assumption fails, are dropped).
+    - ``"difference"`` (the printed Eq. 14): ``b_ij = 1`` iff ``|d_ij| > max(κ_i^V, κ_j^T)``, the raw spatial
+      difference against thresholds on the dependency scale (κ ∈ [0, 0.5]): strongly *asymmetric* pairs are kept.
+      The two readings select nearly complementary sets; the study runs both.
+
+    Matched pairs (diagonal and rows showing the same image) are never selected and never enter μ, θ.
+
+    How β learns (a hard mask has no gradient w.r.t. β): with ``q`` the compared quantity (``p`` or ``|d|``) and
+    ``z_ij = (q_ij - μ_i)/θ_i`` the hard test is ``z_ij > β_i``; its relaxation is
+    ``s_ij = sigmoid((z_ij - β_i^V)/τ) · sigmoid((z'_ij - β_j^T)/τ)`` (the product relaxes the AND of the two
+    thresholds, τ = ``temperature``). q, μ, θ enter the mask detached, so the embeddings receive exactly the paper's
+    gradient through ``b_ij (d_ij)²`` and only β learns through the mask.
 
     - ``mask="straight_through"`` (default): forward uses the hard ``b`` (the paper's values), backward the
       gradient of ``s`` (straight-through estimator);
@@ -240,6 +248,7 @@ def sparse_correlation_mask(
         difference: ``[N, N]`` signed spatial differences.
         unmatched: ``[N, N]`` bool, pairs showing different images.
         beta_row / beta_col: ``[N]`` β^V (rows) / β^T (columns).
+        selection: ``"dependency"`` (compare p with κ) or ``"difference"`` (compare ``|d|`` with κ, as printed).
 
     Returns:
         ``[N, N]`` float mask (values in {0, 1} in forward unless ``mask="soft"``).
@@ -261,11 +270,17 @@ def sparse_correlation_mask(
     beta_col = beta_col.to(p.dtype)
     kappa_row = mu_row + beta_row.detach() * theta_row  # Eq. 12
     kappa_col = mu_col + beta_col.detach() * theta_col
-    hard = ((p > kappa_row[:, None]) & (p > kappa_col[None, :]) & unmatched).to(p.dtype)  # Eq. 14
+    if selection == "dependency":
+        compared = p
+    elif selection == "difference":
+        compared = difference.detach().abs().to(p.dtype)
+    else:
+        raise ValueError(f"selection must be 'dependency' or 'difference', got {selection!r}.")
+    hard = ((compared > kappa_row[:, None]) & (compared > kappa_col[None, :]) & unmatched).to(p.dtype)  # Eq. 14
     if mask == "hard":
         return hard
-    z_row = (p - mu_row[:, None]) / theta_row.clamp_min(_EPS)[:, None]
-    z_col = (p - mu_col[None, :]) / theta_col.clamp_min(_EPS)[None, :]
+    z_row = (compared - mu_row[:, None]) / theta_row.clamp_min(_EPS)[:, None]
+    z_col = (compared - mu_col[None, :]) / theta_col.clamp_min(_EPS)[None, :]
     soft = (
         torch.sigmoid((z_row - beta_row[:, None]) / temperature)
         * torch.sigmoid((z_col - beta_col[None, :]) / temperature)
@@ -289,12 +304,14 @@ class _SparseSpatialTerm(GapTerm):
         "mask": "straight_through",
         "temperature": 0.5,
         "reduction": "sum",
+        "selection": "dependency",
     }
 
     def __init__(self, embed_dim: int, **options: Any):
         super().__init__(embed_dim, **options)
         _check_choice(self.name, "mask", self.options["mask"], ("straight_through", "soft", "hard"))
         _check_choice(self.name, "reduction", self.options["reduction"], ("sum", "mean"))
+        _check_choice(self.name, "selection", self.options["selection"], ("dependency", "difference"))
         max_batch_size = self.options["max_batch_size"]
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 2:
             raise ValueError(f"{self.name} option 'max_batch_size' must be an int >= 2, got {max_batch_size!r}.")
@@ -338,6 +355,7 @@ class _SparseSpatialTerm(GapTerm):
             weights = sparse_correlation_mask(
                 difference, unmatched, self.beta_image[:n], self.beta_text[:n],
                 mask=self.options["mask"], temperature=float(self.options["temperature"]),
+                selection=self.options["selection"],
             )
         else:
             weights = unmatched.to(difference.dtype)
@@ -349,8 +367,9 @@ class _SparseSpatialTerm(GapTerm):
 
 _SPATIAL_DOC = """
     Sparse correlation (Eq. 11-14, option ``sparse=True``, default): only pairs with a strong dependency
-    ``p_ij = sigmoid(-|d_ij|) > max(κ_i^V, κ_j^T)``, ``κ = μ + β·θ`` are kept; see
-    :func:`sparse_correlation_mask` for our reading of Eq. 14 and how β learns. β is an ``nn.Parameter`` of
+    ``p_ij = sigmoid(-|d_ij|) > max(κ_i^V, κ_j^T)``, ``κ = μ + β·θ`` are kept (``selection="dependency"``, our
+    reading), or, as Eq. 14 is printed, pairs with ``|d_ij| > max(κ_i^V, κ_j^T)`` (``selection="difference"``); see
+    :func:`sparse_correlation_mask` for both readings and how β learns. β is an ``nn.Parameter`` of
     ``max_batch_size`` slots per side (``beta_image`` for rows, ``beta_text`` for columns) owned by the term, so it
     is saved and resumed with the model. Slot = row index within the *global* batch (rank order after the
     gather): β_i is tied to a position, not to an image, so with distinct β values the sparse loss is not invariant
@@ -374,6 +393,7 @@ _SPATIAL_DOC = """
         temperature: τ of the sigmoid relaxation, in units of θ (default 0.5).
         reduction: ``"sum"`` over all N² pairs (default, as the paper) or ``"mean"`` (divided by N², batch-size
             independent; rescale the weight accordingly).
+        selection: ``"dependency"`` (default, our reading of Eq. 14) or ``"difference"`` (Eq. 14 as printed).
 
     Inputs: ``batch.image_embeds``/``text_embeds`` ``[N, D]`` (normalised) and ``batch.positive_mask``; returns a
     scalar.
