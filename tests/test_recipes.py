@@ -239,3 +239,20 @@ def test_dias_recipe_sums_the_triplet_loss_unless_told_otherwise(monkeypatch):
     assert args.triplet_reduction == "mean"
     with pytest.raises(ValueError, match="--triplet_reduction must be mean or sum, got 'max'"):
         ModelArguments(triplet_reduction="max")
+
+
+def test_from_scratch_on_karpathy_data_builds_a_word_level_tokenizer(lgmgc, tiny_demo_root, tmp_path):
+    """Training from scratch is not limited to the demo data: any dataset gets a tokenizer of its training captions."""
+    flags = [f for f in tiny_flags(tmp_path / "out", "--max_steps", "2") if f not in ("--dataset", "demo")]
+    flags += ["--dataset", "karpathy", "--karpathy_json", str(tiny_demo_root / "dataset_demo.json"),
+              "--image_root", str(tiny_demo_root / "images"), "--scratch_image_size", "32"]
+    result = lgmgc.main(flags)
+    assert_report(tmp_path / "out")
+    from gapclip.data.tokenization import caption_vocabulary
+
+    entries = json.loads((tiny_demo_root / "dataset_demo.json").read_text())["images"]
+    train_captions = [s["raw"] for e in entries if e["split"] == "train" for s in e["sentences"]]
+    vocab = result["trainer"].processing_class.tokenizer.get_vocab()
+    assert sorted(set(vocab) - {"[PAD]", "[UNK]", "[SOS]", "[EOS]"}) == caption_vocabulary(train_captions)
+    assert result["trainer"].model.config.backbone_config.vision_config.image_size == 32
+    assert (tmp_path / "out" / "tokenizer.json").is_file()  # the processor travels with the model

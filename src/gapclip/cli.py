@@ -38,7 +38,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "A pretrained dual encoder (Hub id such as openai/clip-vit-base-patch16, or a folder), or a gapclip "
-            "checkpoint. Default: a small CLIP trained from scratch on the demo data."
+            "checkpoint. Default: a small CLIP trained from scratch, with a word-level tokenizer of the training "
+            "captions (the demo's own tokenizer on --dataset demo)."
         },
     )
     processor_name_or_path: str | None = field(default=None, metadata={"help": "Processor, if not the model's."})
@@ -54,8 +55,12 @@ class ModelArguments:
             "convention its weights are set against), mean elsewhere."
         },
     )
-    scratch_width: int = field(default=128, metadata={"help": "Width of the from-scratch demo CLIP towers."})
-    scratch_layers: int = field(default=3, metadata={"help": "Layers per tower of the from-scratch demo CLIP."})
+    scratch_width: int = field(default=128, metadata={"help": "Width of the towers of a CLIP trained from scratch."})
+    scratch_layers: int = field(default=3, metadata={"help": "Layers per tower of a CLIP trained from scratch."})
+    scratch_image_size: int | None = field(
+        default=None,
+        metadata={"help": "Image size of a CLIP trained from scratch (default: the demo image size; 64 on other data)."},
+    )
     gap_terms: str | None = field(
         default=None,
         metadata={"help": "Extra terms as JSON, e.g. '[{\"name\": \"lsc\", \"weight\": 1.0}]' (added to the recipe's)."},
@@ -244,7 +249,7 @@ def default_teacher_dir(data_args: DataArguments) -> Path:
 
 
 def scratch_clip_config(processor: Any, image_size: int, width: int, layers: int) -> CLIPConfig:
-    """A small CLIP for training from scratch on the demo data (64 px images, the demo word-level vocabulary)."""
+    """A small CLIP for training from scratch (patch 8, text positions = the tokenizer's ``model_max_length``)."""
     tokenizer = processor.tokenizer
     tower = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": max(width // 32, 1),
              "intermediate_size": 4 * width}
@@ -255,21 +260,48 @@ def scratch_clip_config(processor: Any, image_size: int, width: int, layers: int
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
 
 
+def scratch_processor(model_args: ModelArguments, data_args: DataArguments, train: Any = None) -> Any:
+    """The processor of a model trained from scratch: the demo's own, or a word-level one from ``train``'s captions.
+
+    The vocabulary is every word of the training captions (``gapclip.data.tokenization``), so the same data gives
+    the same tokenizer (a resumed run rebuilds it identically); captions of other splits may hold ``[UNK]`` words.
+    """
+    if data_args.dataset == "demo":
+        processor = make_demo_processor(demo_root(data_args))
+        if model_args.scratch_image_size not in (None, data_args.demo_image_size):
+            raise ValueError(
+                f"--scratch_image_size {model_args.scratch_image_size} differs from --demo_image_size "
+                f"{data_args.demo_image_size}: on the demo data the model's image size is the data's."
+            )
+        return processor
+    if train is None:
+        raise ValueError(f"Training from scratch on --dataset {data_args.dataset} needs the training split's captions.")
+    from .data.tokenization import caption_vocabulary, word_level_processor
+
+    words = caption_vocabulary(caption for captions in train["captions"] for caption in captions)
+    image_size = model_args.scratch_image_size or 64
+    logger.warning(
+        f"No --model_name_or_path: training a CLIP from scratch ({model_args.scratch_layers} layers, width "
+        f"{model_args.scratch_width}, {image_size} px) with a word-level tokenizer of the {len(words):,} words of the "
+        "training captions."
+    )
+    return word_level_processor(words, image_size, max_length=data_args.max_length or 64)
+
+
 def build_model_and_processor(
-    model_args: ModelArguments, data_args: DataArguments, gap_terms: list[dict[str, Any]]
+    model_args: ModelArguments, data_args: DataArguments, gap_terms: list[dict[str, Any]], train: Any = None
 ) -> tuple[GapClipModel, Any]:
+    """The model to train and its processor: a pretrained dual encoder, a gapclip checkpoint, or (no
+    ``--model_name_or_path``) a small CLIP from scratch with a word-level tokenizer (see :func:`scratch_processor`)."""
     config_kwargs = {
         "gap_terms": gap_terms, "base_loss": model_args.base_loss, "triplet_margin": model_args.triplet_margin,
         "triplet_mining": model_args.triplet_mining, "triplet_reduction": model_args.triplet_reduction or "mean",
     }
     path = model_args.model_name_or_path
     if path is None:
-        if data_args.dataset != "demo":
-            raise ValueError("--model_name_or_path is required unless training on --dataset demo.")
-        processor = make_demo_processor(demo_root(data_args))
-        backbone_config = scratch_clip_config(
-            processor, data_args.demo_image_size, model_args.scratch_width, model_args.scratch_layers
-        )
+        processor = scratch_processor(model_args, data_args, train)
+        image_size = processor.image_processor.crop_size["height"]
+        backbone_config = scratch_clip_config(processor, image_size, model_args.scratch_width, model_args.scratch_layers)
         return GapClipModel(GapClipConfig(backbone_config, **config_kwargs)), processor
     config = AutoConfig.from_pretrained(path)
     if config.model_type != GapClipConfig.model_type:
@@ -351,7 +383,9 @@ def run_training(
         pairs = CaptionPairs(train, **pair_options)
 
     # 4. model and collator
-    model, processor = build_model_and_processor(model_args, data_args, merge_gap_terms(gap_terms, model_args.gap_terms))
+    model, processor = build_model_and_processor(
+        model_args, data_args, merge_gap_terms(gap_terms, model_args.gap_terms), train=train
+    )
     padding = "max_length" if model.config.backbone_config.model_type in ("siglip", "siglip2") else "longest"
     collator = GapClipCollator(processor, max_length=data_args.max_length, padding=padding, teacher_store=teacher_store)
     logger.info(f"Objective: base={model.config.resolved_base_loss}, terms={model.config.gap_terms}")

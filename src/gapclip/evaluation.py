@@ -185,6 +185,57 @@ def _median_rank(ranks: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def retrieval_ranks(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_to_image: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query 0-based rank of the best positive, both directions (what every R@K is computed from).
+
+    ``i2t_ranks[i]`` is the number of captions of other images scoring strictly higher for image ``i`` than its
+    best caption; ``t2i_ranks[m]`` the number of other images scoring strictly higher for caption ``m`` than its
+    image. ``R@K = 100 · mean(ranks < K)``. Kept per query so that two models can be compared on the same queries
+    (paired bootstrap, ``gapclip.study.stats``). Arguments and errors as in :func:`retrieval_metrics`.
+
+    Returns:
+        ``(i2t_ranks [N], t2i_ranks [M])``, long tensors on the embeddings' device.
+    """
+    image_embeds = _check_embeds("image_embeds", image_embeds)
+    text_embeds = _check_embeds("text_embeds", text_embeds)
+    _check_same_dim("image_embeds", image_embeds, "text_embeds", text_embeds)
+    num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
+    text_to_image = _check_index("text_to_image", text_to_image, num_texts, num_images, "number of images")
+    chunk_size = _check_chunk_size(chunk_size)
+
+    device = image_embeds.device
+    images = _prepare(image_embeds, normalize)
+    texts = _prepare(text_embeds, normalize, device).to(images.dtype)
+    text_to_image = text_to_image.to(device)
+
+    captions_per_image = torch.bincount(text_to_image, minlength=num_images)
+    if bool((captions_per_image == 0).any()):
+        missing = torch.nonzero(captions_per_image == 0).flatten()
+        raise ValueError(
+            f"Every image needs at least one caption in `text_to_image`; {missing.numel()} of {num_images} images "
+            f"have none (first: {missing[:5].tolist()})."
+        )
+
+    image_ids = torch.arange(num_images, device=device)
+
+    def t2i_mask(start: int, end: int) -> torch.Tensor:
+        return text_to_image[start:end, None] == image_ids[None, :]
+
+    def i2t_mask(start: int, end: int) -> torch.Tensor:
+        return image_ids[start:end, None] == text_to_image[None, :]
+
+    i2t_ranks, _ = _first_positive_ranks(images, texts, i2t_mask, chunk_size)
+    t2i_ranks, _ = _first_positive_ranks(texts, images, t2i_mask, chunk_size)
+    return i2t_ranks, t2i_ranks
+
+
 def retrieval_metrics(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -214,38 +265,17 @@ def retrieval_metrics(
         ValueError: non-2-D/empty embeddings, different dims, ``text_to_image`` of the wrong length or out of
             range, an image without captions, or a bad ``ks``/``chunk_size``.
     """
-    image_embeds = _check_embeds("image_embeds", image_embeds)
-    text_embeds = _check_embeds("text_embeds", text_embeds)
-    _check_same_dim("image_embeds", image_embeds, "text_embeds", text_embeds)
-    num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
-    text_to_image = _check_index("text_to_image", text_to_image, num_texts, num_images, "number of images")
     ks = _check_ks(ks)
-    chunk_size = _check_chunk_size(chunk_size)
+    i2t_ranks, t2i_ranks = retrieval_ranks(
+        image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, normalize=normalize
+    )
+    return metrics_from_ranks(i2t_ranks, t2i_ranks, ks=ks)
 
-    device = image_embeds.device
-    images = _prepare(image_embeds, normalize)
-    texts = _prepare(text_embeds, normalize, device).to(images.dtype)
-    text_to_image = text_to_image.to(device)
 
-    captions_per_image = torch.bincount(text_to_image, minlength=num_images)
-    if bool((captions_per_image == 0).any()):
-        missing = torch.nonzero(captions_per_image == 0).flatten()
-        raise ValueError(
-            f"Every image needs at least one caption in `text_to_image`; {missing.numel()} of {num_images} images "
-            f"have none (first: {missing[:5].tolist()})."
-        )
-
-    image_ids = torch.arange(num_images, device=device)
-
-    def t2i_mask(start: int, end: int) -> torch.Tensor:
-        return text_to_image[start:end, None] == image_ids[None, :]
-
-    def i2t_mask(start: int, end: int) -> torch.Tensor:
-        return image_ids[start:end, None] == text_to_image[None, :]
-
-    i2t_ranks, _ = _first_positive_ranks(images, texts, i2t_mask, chunk_size)
-    t2i_ranks, _ = _first_positive_ranks(texts, images, t2i_mask, chunk_size)
-
+def metrics_from_ranks(
+    i2t_ranks: torch.Tensor, t2i_ranks: torch.Tensor, *, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """R@K both ways, RSUM and median/mean ranks from :func:`retrieval_ranks`' per-query ranks."""
     metrics: dict[str, float] = {}
     for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         for k in ks:

@@ -84,7 +84,6 @@ POSITION_PHRASES: dict[str, str] = {
 }
 SIZES: dict[str, float] = {"small": 0.08, "large": 0.15}  # half-extent as a fraction of the image side
 _NUMBERS = {2: "two", 3: "three", 4: "four"}
-_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[SOS]", "[EOS]")
 _TEMPLATE_WORDS = (
     "a an and the in at of on to with is are picture scene shapes objects background including left right above "
     "below bigger smaller than top bottom center , :"
@@ -310,7 +309,7 @@ def _write_demo(folder: Path, meta: dict[str, Any]) -> None:
     with (folder / "translations.jsonl").open("w", encoding="utf-8") as handle:
         for row in translations:
             handle.write(json.dumps(row) + "\n")
-    _build_processor(folder, image_size).save_pretrained(folder / "processor")
+    _build_processor(image_size).save_pretrained(folder / "processor")
     # meta.json last: its presence marks a complete folder.
     with (folder / "meta.json").open("w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
@@ -400,45 +399,18 @@ def demo_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def _build_processor(root: Path, image_size: int) -> Any:
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import CLIPImageProcessor, CLIPProcessor, PreTrainedTokenizerFast
+def _build_processor(image_size: int) -> Any:
+    from .tokenization import word_level_processor
 
-    words = demo_vocabulary()
-    # [EOS] gets the highest id (as in OpenAI CLIP), so CLIP's legacy argmax-EOS pooling also finds it.
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[SOS]": 2}
-    vocab.update({word: i + 3 for i, word in enumerate(words)})
-    vocab["[EOS]"] = len(vocab)
-    tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[SOS] $A [EOS]",
-        pair="[SOS] $A [EOS] $B [EOS]",
-        special_tokens=[("[SOS]", vocab["[SOS]"]), ("[EOS]", vocab["[EOS]"])],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[SOS]",
-        eos_token="[EOS]",
-        model_max_length=32,
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    return CLIPProcessor(image_processor=image_processor, tokenizer=fast)
+    return word_level_processor(demo_vocabulary(), image_size, max_length=32)
 
 
 def make_demo_processor(root: str | os.PathLike) -> Any:
     """Return the demo `CLIPProcessor` saved in `root/processor/`, building and saving it there if missing.
 
-    The tokenizer is a `tokenizers` WordLevel model over `demo_vocabulary()` (lower-cased, whitespace pre-tokenizer,
-    `[PAD]`=0, `[UNK]`=1, `[SOS]`=2, `[EOS]`=last id, post-processor "[SOS] $A [EOS]", `model_max_length=32`); the
-    image processor is a `CLIPImageProcessor` resizing/cropping to the demo image size.
+    The tokenizer is `gapclip.data.tokenization.word_level_tokenizer` over `demo_vocabulary()` (`[PAD]`=0,
+    `[UNK]`=1, `[SOS]`=2, `[EOS]`=last id, `model_max_length=32`); the image processor is a `CLIPImageProcessor`
+    resizing/cropping to the demo image size.
     """
     from transformers import CLIPProcessor
 
@@ -450,5 +422,5 @@ def make_demo_processor(root: str | os.PathLike) -> Any:
         )
     target = root / "processor"
     if not (target / "tokenizer.json").is_file():
-        _build_processor(root, int(meta["image_size"])).save_pretrained(target)
+        _build_processor(int(meta["image_size"])).save_pretrained(target)
     return CLIPProcessor.from_pretrained(target)
