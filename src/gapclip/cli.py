@@ -249,13 +249,18 @@ def default_teacher_dir(data_args: DataArguments) -> Path:
 
 
 def scratch_clip_config(processor: Any, image_size: int, width: int, layers: int) -> CLIPConfig:
-    """A small CLIP for training from scratch (patch 8, text positions = the tokenizer's ``model_max_length``)."""
+    """A small CLIP for training from scratch (patch 8, text positions = the tokenizer's ``model_max_length``).
+
+    The text tower pools at the tokenizer's end token: its ``eos_token``, or ``[SEP]`` for BERT-style (WordPiece)
+    tokenizers, which have no ``eos_token``.
+    """
     tokenizer = processor.tokenizer
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     tower = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": max(width // 32, 1),
              "intermediate_size": 4 * width}
     text = {**tower, "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id}
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": bos, "eos_token_id": eos}
     vision = {**tower, "image_size": image_size, "patch_size": 8}
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
 

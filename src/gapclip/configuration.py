@@ -93,6 +93,11 @@ class GapClipConfig(PretrainedConfig):
         self.gather_with_grad = gather_with_grad
         self.logit_scale_max = logit_scale_max
 
+    def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
+        """The backbone's text config: its special tokens are the ones the tokenizer must match (the `Trainer` aligns
+        them before training)."""
+        return self.backbone_config.get_text_config(*args, **kwargs)
+
     @property
     def resolved_base_loss(self) -> str:
         """The base loss actually used (`"auto"` resolved from the backbone family)."""

@@ -348,19 +348,31 @@ def make_demo_dataset(
         "seed": seed,
     }
     root = Path(root) if root is not None else default_demo_root(num_train, num_val, num_test, image_size, seed)
+    return write_cached_folder(
+        root, meta, _write_demo, what="demo set",
+        description=f"demo dataset ({num_train}/{num_val}/{num_test} images, {image_size}px)",
+    )
+
+
+def write_cached_folder(
+    root: Path, meta: dict[str, Any], write: Any, *, what: str, description: str
+) -> Path:
+    """Reuse ``root`` when its ``meta.json`` equals ``meta``; otherwise ``write(tmp, meta)`` into a temporary sibling
+    and rename it into place (``write`` must write ``meta.json`` last), so concurrent callers never see a half-written
+    folder. A non-empty ``root`` holding something else raises ``ValueError``."""
     if _matches(root, meta):
-        logger.info(f"Reusing cached demo dataset at {root}.")
+        logger.info(f"Reusing cached {what} at {root}.")
         return root
     if root.exists() and any(root.iterdir()):
         raise ValueError(
-            f"make_demo_dataset: folder {str(root)!r} exists but does not hold a demo set with parameters {meta} "
+            f"folder {str(root)!r} exists but does not hold a {what} with parameters {meta} "
             f"(meta.json: {_read_meta(root)}); pass another root or remove the folder."
         )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{uuid.uuid4().hex[:8]}-", dir=root.parent))
     try:
-        logger.info(f"Generating demo dataset ({num_train}/{num_val}/{num_test} images, {image_size}px) in {root}.")
-        _write_demo(tmp, meta)
+        logger.info(f"Generating {description} in {root}.")
+        write(tmp, meta)
         if root.exists():
             root.rmdir()  # empty folder left by the caller
         os.rename(tmp, root)

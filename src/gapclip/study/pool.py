@@ -1,0 +1,95 @@
+"""Training the study's independent runs, one after the other or in worker processes.
+
+On a CPU, small models use cores poorly: a run with 2 threads is far from twice as fast as with 1, and a busy
+neighbour stalls a multi-threaded run at every synchronisation. ``workers`` processes of ``cpu_count // workers``
+threads each train several runs at once instead. Each run seeds itself and is saved to disk by whoever trained
+it, so results do not depend on which process ran them (beyond the floating-point order of different thread
+counts) and an interrupted study keeps every finished run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .runs import RunContext, RunSpec, load_run, run_key, save_run, train_and_evaluate
+
+__all__ = ["RunExecutor", "default_workers"]
+
+_WORKER: dict[str, Any] = {}
+
+
+def default_workers(use_cpu: bool) -> int:
+    """Two runs at a time on a CPU with at least 2 cores (one on a GPU: it is shared by the runs anyway)."""
+    return min(2, os.cpu_count() or 1) if use_cpu else 1
+
+
+def _init_worker(context: RunContext, folder: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(context=context, folder=Path(folder))
+
+
+def _train_in_worker(spec: RunSpec, key: str) -> str:
+    save_run(_WORKER["folder"], key, train_and_evaluate(spec, _WORKER["context"]))
+    return key
+
+
+class RunExecutor:
+    """``fetch(specs)``: the record of every spec, training the ones not on disk yet (``workers`` at a time)."""
+
+    def __init__(self, context: RunContext, folder: Path, *, workers: int = 1, progress: Any = None):
+        self.context, self.folder, self.workers, self.progress = context, Path(folder), max(1, workers), progress
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> RunExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def _advance(self, spec: RunSpec) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(spec.label.split(": ", 1)[-1][:60])
+            self.progress.update(1)
+
+    def fetch(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
+        keys = [run_key(spec, self.context.key) for spec in specs]
+        todo: dict[str, RunSpec] = {}
+        for spec, key in zip(specs, keys):
+            if key not in todo and load_run(self.folder, key) is None:
+                todo[key] = spec
+        if self.workers == 1 or len(todo) <= 1:
+            for key, spec in todo.items():
+                save_run(self.folder, key, train_and_evaluate(spec, self.context))
+                self._advance(spec)
+        else:
+            self._run_in_pool(todo)
+        return [load_run(self.folder, key) for key in keys]
+
+    def _run_in_pool(self, todo: dict[str, RunSpec]) -> None:
+        if self._pool is None:
+            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self.context, str(self.folder), threads),
+            )
+        futures = {self._pool.submit(_train_in_worker, spec, key): spec for key, spec in todo.items()}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec = futures[future]
+                try:
+                    future.result()
+                except Exception as error:
+                    for other in pending:
+                        other.cancel()
+                    raise RuntimeError(f"Study run {spec.label!r} failed: {error}") from error
+                self._advance(spec)

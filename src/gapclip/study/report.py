@@ -1,0 +1,195 @@
+"""``study.json`` and ``study.md``: per method the per-seed and mean ± std test metrics and the paired comparison
+with its baseline (see :mod:`gapclip.study.stats` for the statistics)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .stats import cluster_bootstrap_rsum, mean_std, paired_seed_test, verdict
+
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "modality_gap")
+_HEADERS = ("i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "RSUM", "Gap")
+
+
+def _baseline_of(variant: Any, variants: list[Any]) -> Any:
+    return next(v for v in variants if v.base == variant.base and v.is_baseline)
+
+
+def summarise_regime(study: Any, regime: str, outcome: dict[str, Any], context: Any, *, wall_seconds: float):
+    """The ``study.json`` section of one regime."""
+    variants = [v for v in study.settings.variants() if v.name in outcome["runs"]]
+    text_to_image = np.concatenate(
+        [np.full(len(captions), row) for row, captions in enumerate(context.test["captions"])]
+    )
+    methods: dict[str, Any] = {}
+    run_seconds = 0.0
+    for variant in variants:
+        runs = outcome["runs"][variant.name]
+        run_seconds += sum(r["wall_seconds"] for r in runs.values())
+        finished = {seed: r for seed, r in runs.items() if r.get("test") is not None}
+        entry: dict[str, Any] = {
+            "family": variant.family, "base": variant.base, "sampler": variant.sampler, "main_table": variant.main,
+            "terms": variant.gap_terms(outcome["weights"]), "learning_rate": outcome["learning_rate"][variant.base],
+            "seeds": {
+                str(seed): {**{m: r["test"][m] for m in METRICS}, "best_epoch": r["best_epoch"]}
+                for seed, r in finished.items()
+            },
+            "diverged_seeds": [seed for seed, r in runs.items() if r.get("test") is None],
+        }
+        if finished:
+            stats = {m: mean_std([r["test"][m] for r in finished.values()]) for m in METRICS}
+            entry["mean"] = {m: value[0] for m, value in stats.items()}
+            entry["std"] = {m: value[1] for m, value in stats.items()}
+        entry["vs_baseline"] = None
+        if not variant.is_baseline and finished:
+            baseline = _baseline_of(variant, variants)
+            base_runs = {s: r for s, r in outcome["runs"][baseline.name].items() if r.get("test") is not None}
+            shared = sorted(set(finished) & set(base_runs))
+            if shared:
+                bootstrap = cluster_bootstrap_rsum(
+                    [(finished[s]["ranks"]["i2t"], finished[s]["ranks"]["t2i"]) for s in shared],
+                    [(base_runs[s]["ranks"]["i2t"], base_runs[s]["ranks"]["t2i"]) for s in shared],
+                    text_to_image, num_resamples=study.settings.bootstrap_resamples,
+                )
+                seed_rsum = paired_seed_test(
+                    {s: finished[s]["test"]["rsum"] for s in shared}, {s: base_runs[s]["test"]["rsum"] for s in shared}
+                )
+                seed_gap = paired_seed_test(
+                    {s: finished[s]["test"]["modality_gap"] for s in shared},
+                    {s: base_runs[s]["test"]["modality_gap"] for s in shared},
+                )
+                entry["vs_baseline"] = {
+                    "baseline": baseline.name, "seeds": shared,
+                    "rsum": {"bootstrap": bootstrap, "seeds": seed_rsum, "verdict": verdict(bootstrap, seed_rsum)},
+                    "modality_gap": {"seeds": seed_gap},
+                }
+        methods[variant.name] = entry
+    return {
+        "start": context.extra.get("start"),
+        "epochs": int(study.settings.epochs[regime]),
+        "learning_rate_grid": list(study.settings.learning_rates[regime]),
+        "weight_factors": list(study.settings.weight_factors),
+        "selection": outcome["selection"],
+        "methods": methods,
+        "wall_seconds": round(wall_seconds, 1),
+        "run_seconds": round(run_seconds, 1),
+    }
+
+
+def _machine() -> dict[str, Any]:
+    try:
+        load = os.getloadavg()
+    except OSError:  # pragma: no cover - not on every platform
+        load = None
+    return {
+        "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_write": [round(x, 2) for x in load] if load else None,
+    }
+
+
+def write_reports(study: Any, results: dict[str, Any], started: float) -> None:
+    """Write ``study.json`` and ``study.md`` into the study's output folder (called after every regime)."""
+    results["settings"] = {
+        "regimes": list(study.settings.regimes), "seeds": study.settings.seeds,
+        "families": list(study.settings.families), "batch_size": study.settings.batch_size,
+        "image_size": study.settings.image_size, "scratch_model": {
+            "width": study.settings.scratch_width, "layers": study.settings.scratch_layers},
+        "bootstrap_resamples": study.settings.bootstrap_resamples,
+    }
+    results["data"] = {k: v for k, v in vars(study.data_args).items() if v is not None}
+    results["machine"] = _machine()
+    results["wall_seconds"] = round(time.time() - started, 1)
+    out = Path(study.output_dir)
+    (out / "study.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "study.md").write_text(render_markdown(results))
+
+
+def _cell(mean: float, std: float, n: int, decimals: int) -> str:
+    return f"{mean:.{decimals}f}" if n < 2 else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def _row(name: str, entry: dict[str, Any]) -> str:
+    n = len(entry["seeds"])
+    if not n:
+        return f"| {name} | 0 | " + " | ".join("diverged" for _ in METRICS) + " | | | | |"
+    cells = [_cell(entry["mean"][m], entry["std"][m], n, 3 if m == "modality_gap" else 1) for m in METRICS]
+    comparison = ["", "", "", ""]
+    vs = entry.get("vs_baseline")
+    if vs:
+        boot, seeds, gap = vs["rsum"]["bootstrap"], vs["rsum"]["seeds"], vs["modality_gap"]["seeds"]
+        comparison = [
+            f"{boot['diff']:+.1f} [{boot['ci_low']:+.1f}, {boot['ci_high']:+.1f}]",
+            "" if seeds["p"] is None else f"{seeds['p']:.3f}",
+            f"{gap['diff']:+.3f}",
+            vs["rsum"]["verdict"],
+        ]
+    diverged = f" ({len(entry['diverged_seeds'])} diverged)" if entry["diverged_seeds"] else ""
+    return f"| {name} | {n}{diverged} | " + " | ".join(cells + comparison) + " |"
+
+
+def _table(methods: dict[str, Any], names: list[str]) -> list[str]:
+    header = ["Method", "Seeds", *_HEADERS, "ΔRSUM [95% CI]", "p (seeds)", "ΔGap", "Verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", "---:"] + ["---:"] * (len(header) - 2)) + "|"]
+    return lines + [_row(name, methods[name]) for name in names]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = ["# Method study", ""]
+    settings = results["settings"]
+    data = results["data"]
+    lines.append(
+        f"Data: `{data.get('dataset')}` (train `{data.get('train_split')}`, selection on `{data.get('eval_split')}`, "
+        f"results on `{data.get('test_split')}`); seeds: {settings['seeds']}; batch {settings['batch_size']}; "
+        f"total wall time {results['wall_seconds'] / 60:.1f} min on {results['machine']['cpus']} CPUs "
+        f"(torch {results['machine']['torch']}, load average {results['machine']['load_average_at_write']})."
+    )
+    lines += [
+        "",
+        "ΔRSUM: method minus its baseline (same base loss), on seed-averaged per-query hits, with a 95 % paired "
+        "cluster-bootstrap interval over test images (test-set noise). p (seeds): paired t-test of the per-seed RSUM "
+        "(training noise). Verdict: *gain*/*loss* only when the interval excludes 0 and every seed's difference has "
+        "the same sign; otherwise *no measurable difference*. ΔGap: mean per-seed difference of the modality gap "
+        "(negative = smaller gap).",
+    ]
+    for skipped, reason in results.get("skipped", {}).items():
+        lines.append(f"- Skipped `{skipped}`: {reason}.")
+    for regime, section in results["regimes"].items():
+        lines += ["", f"## Regime: {regime}", ""]
+        lines.append(
+            f"Each run: cosine schedule of {section['epochs']} epoch(s), the epoch with the best validation RSUM kept. "
+            f"Wall time {section['wall_seconds'] / 60:.1f} min (runs: {section['run_seconds'] / 60:.1f} min)."
+        )
+        lines += ["", "Learning rate (stage 1, validation RSUM of each grid value, seed 0):", ""]
+        for base, sel in section["selection"]["learning_rate"].items():
+            grid = ", ".join(f"{lr}: {_fmt(v)}" for lr, v in sel["validation_rsum"].items())
+            lines.append(f"- {base}: {grid} → **{sel['selected']:g}**")
+        if section["selection"]["weights"]:
+            lines += ["", "Term weights (stage 2, validation RSUM of each weight, seed 0; paper weight in italics):", ""]
+            for name, sel in section["selection"]["weights"].items():
+                grid = ", ".join(
+                    (f"*{w}*" if float(w) == sel["paper"] else w) + f": {_fmt(v)}"
+                    for w, v in sel["validation_rsum"].items()
+                )
+                lines.append(
+                    f"- {name}: {grid} → **{sel['selected']:g}** (its baseline: {_fmt(sel['baseline_validation_rsum'])})"
+                )
+        methods = section["methods"]
+        main = [name for name, entry in methods.items() if entry["main_table"]]
+        single = [name for name, entry in methods.items() if not entry["main_table"]]
+        lines += ["", f"### Main table: test split, mean ± std over seeds", ""] + _table(methods, main)
+        if single:
+            lines += ["", "### Other variants: test split, one seed", ""] + _table(methods, single)
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "diverged" if value is None else f"{value:.1f}"

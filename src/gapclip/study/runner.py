@@ -1,0 +1,322 @@
+"""The method study: tune the baselines, sweep each term's weight, then run every variant over seeds.
+
+For each regime (``pretrained``: fine-tune a pretrained dual encoder; ``scratch``: train a small CLIP from scratch):
+
+1. **Baselines.** For each base loss (InfoNCE; triplet with distance-weighted negatives, summed), train at every
+   learning rate of the grid (seed 0) and keep the one with the best *validation* RSUM. Every run, in every stage,
+   also picks its number of epochs on validation (the best epoch under a cosine schedule of ``epochs`` epochs).
+2. **Weight sweeps.** For each term (alone, on its family's base loss at that base's selected learning rate, seed
+   0), train at ``paper weight × factor`` for every factor and keep the weight with the best validation RSUM.
+3. **Variants.** Every row of :func:`~gapclip.study.variants.default_variants` at the selected settings: the main
+   table (baselines, each term alone, each full method) over ``seeds`` seeds, the other variants on one seed.
+   Runs identical to a stage-1/2 run (same settings, seed 0) are that run, not a rerun.
+
+Only stage 3's test-split numbers are reported as results; the test split never enters a selection. Every run is
+cached on disk under ``output_dir/runs/<regime>/`` by a key of everything it depends on, so an interrupted study
+resumes where it stopped and a finished run is never redone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .report import summarise_regime, write_reports
+from .pool import RunExecutor, default_workers
+from .runs import RunContext, RunSpec, load_run, run_key
+from .variants import BASELINES, SWEEPS, Variant, default_variants
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["FAMILIES", "REGIMES", "MethodStudy", "StudySettings"]
+
+REGIMES = ("pretrained", "scratch")
+FAMILIES = ("LG-MGC", "DIAS", "CUSA")
+
+
+@dataclass
+class StudySettings:
+    """The study's own settings (the data comes from :class:`gapclip.cli.DataArguments`).
+
+    Args:
+        regimes: ``("pretrained", "scratch")`` or one of them.
+        seeds: seeds of the main table (the other variants run on the first seed).
+        families: method families to study (with the baselines of their base losses).
+        learning_rates: per regime, the learning-rate grid of stage 1.
+        epochs: per regime, the length of the cosine schedule; each run keeps its best epoch on validation.
+        weight_factors: stage 2 tries ``paper weight × factor`` for each factor.
+        model_name_or_path: the pretrained start; default the demo CLIP of ``recipes/pretrain_demo.py`` (made on
+            first use, at ``image_size``).
+        image_size: image size of the demo data, of the demo pretraining and of a from-scratch model.
+        pretrain_overrides: ``gapclip.pretrain.PretrainSettings`` fields for the default pretrained start.
+    """
+
+    regimes: tuple[str, ...] = REGIMES
+    seeds: int = 3
+    families: tuple[str, ...] = FAMILIES
+    learning_rates: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {"pretrained": (3e-5, 1e-4, 3e-4), "scratch": (3e-4, 1e-3, 3e-3)}
+    )
+    epochs: dict[str, int] = field(default_factory=lambda: {"pretrained": 3, "scratch": 8})
+    weight_factors: tuple[float, ...] = (0.1, 1.0, 10.0)
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    scratch_width: int = 128
+    scratch_layers: int = 3
+    image_size: int = 48
+    model_name_or_path: str | None = None
+    pretrained_backbone: str = "clip"
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    bootstrap_resamples: int = 2000
+    device: str = "auto"
+
+    def __post_init__(self):
+        if not self.regimes or any(regime not in REGIMES for regime in self.regimes):
+            raise ValueError(f"regimes must be among {list(REGIMES)}, got {self.regimes!r}.")
+        if not self.families or any(family not in FAMILIES for family in self.families):
+            raise ValueError(f"families must be among {list(FAMILIES)}, got {self.families!r}.")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}.")
+        for regime in self.regimes:
+            if not self.learning_rates.get(regime) or any(not lr > 0 for lr in self.learning_rates[regime]):
+                raise ValueError(f"learning_rates[{regime!r}] must list positive numbers, got "
+                                 f"{self.learning_rates.get(regime)!r}.")
+            if int(self.epochs.get(regime, 0)) < 1:
+                raise ValueError(f"epochs[{regime!r}] must be >= 1, got {self.epochs.get(regime)!r}.")
+        if not self.weight_factors or any(not f > 0 for f in self.weight_factors):
+            raise ValueError(f"weight_factors must list positive numbers, got {self.weight_factors!r}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available here.")
+
+    @property
+    def use_cpu(self) -> bool:
+        return self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+
+    def variants(self) -> list[Variant]:
+        """The rows of the requested families, and the baselines of the base losses they use."""
+        rows = [v for v in default_variants() if v.family in self.families]
+        bases = {v.base for v in rows}
+        return [v for v in default_variants() if v in rows or (v.family == "baseline" and v.base in bases)]
+
+
+class MethodStudy:
+    """Runs the study for ``settings`` on the data of ``data_args`` and writes ``study.md`` / ``study.json``.
+
+    Example::
+
+        >>> from gapclip.cli import DataArguments
+        >>> study = MethodStudy(StudySettings(regimes=("pretrained",)), DataArguments(demo_image_size=48), "out")
+        >>> results = study.run()  # resumable: finished runs are read back from out/runs/
+    """
+
+    def __init__(
+        self, settings: StudySettings, data_args: Any, output_dir: str | Path, *, show_progress: bool = True,
+        workers: int | None = None,
+    ):
+        self.settings = settings
+        self.data_args = data_args
+        self.output_dir = Path(output_dir)
+        self.show_progress = show_progress
+        self.workers = default_workers(settings.use_cpu) if workers is None else workers
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}.")
+
+    # ------------------------------------------------------------------ what runs
+    def available_variants(self, available: set[str]) -> list[Variant]:
+        return [v for v in self.settings.variants() if v.needs <= available]
+
+    def needed_bases(self, available: set[str]) -> list[str]:
+        return [base for base in BASELINES if any(v.base == base for v in self.available_variants(available))]
+
+    def needed_sweeps(self, available: set[str]) -> list[str]:
+        used = {use.sweep for v in self.available_variants(available) for use in v.terms}
+        return [name for name in SWEEPS if name in used]
+
+    def seeds_of(self, variant: Variant) -> list[int]:
+        return list(range(self.settings.seeds)) if variant.main else [0]
+
+    @staticmethod
+    def is_stage_run(variant: Variant, seed: int) -> bool:
+        """Is (variant, seed) the very run that stage 1 or 2 trained (so it is read back, not redone)?"""
+        if seed != 0 or variant.sampler != "random" or len(variant.terms) > 1:
+            return False
+        if not variant.terms:
+            return True
+        use = variant.terms[0]
+        return use.spec(1.0) == SWEEPS[use.sweep].spec(1.0)  # the term exactly as its sweep trained it
+
+    def runs_per_regime(self, regime: str, available: set[str]) -> int:
+        stage1 = len(self.needed_bases(available)) * len(self.settings.learning_rates[regime])
+        stage2 = len(self.needed_sweeps(available)) * len(self.settings.weight_factors)
+        stage3 = sum(
+            1 for v in self.available_variants(available) for s in self.seeds_of(v) if not self.is_stage_run(v, s)
+        )
+        return stage1 + stage2 + stage3
+
+    # ------------------------------------------------------------------ the stages
+    def _stages(
+        self, regime: str, available: set[str], fetch: Callable[[list[RunSpec]], list[dict]]
+    ) -> dict[str, Any]:
+        """Stages 1-3; ``fetch(specs) -> records`` trains (or reads back) a stage's independent runs at once.
+        Returns the selections and every variant's runs."""
+        settings = self.settings
+        epochs = int(settings.epochs[regime])
+        selection: dict[str, Any] = {"learning_rate": {}, "weights": {}}
+
+        # 1. learning rate of each base loss
+        bases = self.needed_bases(available)
+        grid1 = [(base, lr) for base in bases for lr in settings.learning_rates[regime]]
+        records = fetch([
+            RunSpec.make(f"{regime}: {base} baseline, lr={lr:g}", base, [], learning_rate=lr, epochs=epochs, seed=0)
+            for base, lr in grid1
+        ])
+        learning_rate: dict[str, float] = {}
+        for base in bases:
+            grid = {lr: record for (b, lr), record in zip(grid1, records) if b == base}
+            learning_rate[base] = _argmax(grid)
+            selection["learning_rate"][base] = {
+                "selected": learning_rate[base], "validation_rsum": {f"{lr:g}": _val(r) for lr, r in grid.items()},
+                "best_epoch": {f"{lr:g}": r.get("best_epoch") for lr, r in grid.items()},
+            }
+
+        # 2. weight of each term, alone on its base loss
+        sweeps = self.needed_sweeps(available)
+        grid2 = [(name, SWEEPS[name].paper_weight * factor) for name in sweeps for factor in settings.weight_factors]
+        records = fetch([
+            RunSpec.make(
+                f"{regime}: sweep {name} weight={weight:g}", SWEEPS[name].base, [SWEEPS[name].spec(weight)],
+                learning_rate=learning_rate[SWEEPS[name].base], epochs=epochs, seed=0,
+            )
+            for name, weight in grid2
+        ])
+        weights: dict[str, float] = {}
+        for name in sweeps:
+            sweep = SWEEPS[name]
+            grid = {weight: record for (n, weight), record in zip(grid2, records) if n == name}
+            weights[name] = _argmax(grid)
+            selection["weights"][name] = {
+                "selected": weights[name], "paper": sweep.paper_weight, "source": sweep.source,
+                "validation_rsum": {f"{w:g}": _val(r) for w, r in grid.items()},
+                "baseline_validation_rsum": selection["learning_rate"][sweep.base]["validation_rsum"][
+                    f"{learning_rate[sweep.base]:g}"],
+            }
+
+        # 3. every variant at the selected settings
+        cells = [(v, seed) for v in self.available_variants(available) for seed in self.seeds_of(v)]
+        records = fetch([
+            RunSpec.make(
+                f"{regime}: {v.name}, seed {seed}", v.base, v.gap_terms(weights),
+                learning_rate=learning_rate[v.base], epochs=epochs, seed=seed, sampler=v.sampler,
+            )
+            for v, seed in cells
+        ])
+        runs: dict[str, dict[int, dict]] = {}
+        for (variant, seed), record in zip(cells, records):
+            runs.setdefault(variant.name, {})[seed] = record
+        return {"selection": selection, "runs": runs, "weights": weights, "learning_rate": learning_rate}
+
+    # ------------------------------------------------------------------ running
+    def _regimes(self):
+        """Yield (regime, context, available inputs, run folder, runs to do), announcing each regime's plan."""
+        from .context import build_context, load_study_data, study_inputs
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        datasets = load_study_data(self.data_args)
+        available, teachers, self.skipped = study_inputs(self, datasets)
+        for regime in self.settings.regimes:
+            context = build_context(self, regime, datasets, teachers)
+            folder = self.output_dir / "runs" / regime
+            todo = self._count_missing(regime, available, context, folder)
+            total = self.runs_per_regime(regime, available)
+            estimate = self._estimate(context, todo)
+            logger.warning(
+                f"Study, {regime} regime: {total} runs ({total - todo} already done); about {estimate / 60:.0f} min "
+                "for the rest on this machine (from a timed training step and evaluation; terms add up to ~30 %)."
+            )
+            yield regime, context, available, folder, {"runs": total, "to_do": todo, "estimated_seconds": estimate}
+
+    def plan(self) -> dict[str, dict[str, float]]:
+        """The runs of each regime, how many are still to do, and the estimated time (nothing is trained, but the
+        data, the teachers and the pretrained start are prepared)."""
+        return {regime: plan for regime, _, _, _, plan in self._regimes()}
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) every regime; returns the content of ``study.json``."""
+        started = time.time()
+        results: dict[str, Any] = {"regimes": {}}
+        for regime, context, available, folder, plan in self._regimes():
+            results["skipped"] = self.skipped
+            regime_start = time.time()
+            with tqdm(total=plan["to_do"], desc=f"study ({regime})", disable=not self.show_progress) as bar, \
+                    RunExecutor(context, folder, workers=self.workers, progress=bar) as executor:
+                outcome = self._stages(regime, available, executor.fetch)
+            results["regimes"][regime] = summarise_regime(
+                self, regime, outcome, context, wall_seconds=time.time() - regime_start
+            )
+            results["regimes"][regime]["plan"] = plan
+            write_reports(self, results, started)
+        return results
+
+    def _count_missing(self, regime: str, available: set[str], context: RunContext, folder: Path) -> int:
+        """Runs not on disk yet. Walks the stages over the cache; a missing run stands in with validation RSUM 0, so
+        selections that depend on it are provisional, but the count is right (the study runs its stages in order,
+        so no run depending on a missing one can be on disk)."""
+        missing: set[str] = set()
+
+        def fetch(specs: list[RunSpec]) -> list[dict]:
+            records = []
+            for spec in specs:
+                key = run_key(spec, context.key)
+                record = load_run(folder, key)
+                if record is None:
+                    missing.add(key)
+                    record = {"validation": {"rsum": 0.0}, "best_epoch": None}
+                records.append(record)
+            return records
+
+        self._stages(regime, available, fetch)
+        return len(missing)
+
+    def _estimate(self, context: RunContext, todo: int) -> float:
+        """Seconds for ``todo`` runs: one run timed at a worker's thread count, divided over the workers."""
+        from .context import seconds_per_run
+
+        if not todo:
+            return 0.0
+        threads = torch.get_num_threads()
+        if self.workers > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.workers))
+        try:
+            per_run = seconds_per_run(context, int(self.settings.epochs[context.regime]))
+        finally:
+            torch.set_num_threads(threads)
+        return todo * per_run / min(self.workers, todo)
+
+
+def _val(record: dict | None) -> float | None:
+    if record is None or record.get("validation") is None:
+        return None
+    return record["validation"]["rsum"]
+
+
+def _argmax(grid: dict[float, dict]) -> float:
+    """The grid value whose run has the best validation RSUM (diverged runs never win; ties: the first)."""
+    best, best_value = None, -math.inf
+    for value, record in grid.items():
+        score = _val(record)
+        if score is not None and score > best_value:
+            best, best_value = value, score
+    if best is None:
+        raise RuntimeError(f"every run of a selection grid diverged: {sorted(grid)}; lower the learning rates.")
+    return best

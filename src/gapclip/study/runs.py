@@ -1,0 +1,239 @@
+"""One training run of the study: train on the training split, keep the epoch that scores best on validation,
+then score that model on the test split (metrics and per-query ranks for the paired statistics).
+
+The number of epochs is chosen on validation inside every run (the model of the best validation RSUM is kept, the
+``load_best_model_at_end`` convention of transformers' examples) under a cosine schedule of ``epochs`` epochs; the
+learning rate is chosen by the study's first stage. Baseline and methods get exactly the same procedure.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback
+from transformers.utils import logging
+
+from ..evaluation import metrics_from_ranks, modality_gap, retrieval_ranks
+from ..inference import embed_caption_dataset
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["RunSpec", "evaluate_split", "load_run", "run_key", "train_and_evaluate"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that decides a run's result (hashed into its cache key, together with the study context)."""
+
+    label: str  # what the run is for, e.g. "tune infonce lr=1e-4" (not part of the key)
+    base: str
+    gap_terms: tuple[tuple[str, float, tuple[tuple[str, Any], ...]], ...]
+    learning_rate: float
+    epochs: int
+    seed: int
+    sampler: str = "random"
+
+    @classmethod
+    def make(cls, label: str, base: str, gap_terms: list[dict[str, Any]], **kwargs: Any) -> RunSpec:
+        terms = tuple(
+            (t["name"], float(t["weight"]), tuple(sorted(t.get("options", {}).items()))) for t in gap_terms
+        )
+        return cls(label=label, base=base, gap_terms=terms, **kwargs)
+
+    def term_specs(self) -> list[dict[str, Any]]:
+        return [{"name": name, "weight": weight, "options": dict(options)} for name, weight, options in self.gap_terms]
+
+    @property
+    def needs_teachers(self) -> bool:
+        return any(name in ("csa", "usa") for name, _, _ in self.gap_terms)
+
+
+def run_key(spec: RunSpec, context_key: str) -> str:
+    payload = {key: value for key, value in asdict(spec).items() if key != "label"}
+    digest = hashlib.sha1(json.dumps([context_key, payload], sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:16]
+
+
+@dataclass
+class RunContext:
+    """What all runs of one regime share: data, processor, how to build the initial model, training settings."""
+
+    regime: str
+    train: Any
+    validation: Any
+    test: Any
+    processor: Any
+    build_backbone: Any  # () -> (backbone model or None, backbone config) ; see runner
+    key: str
+    work_dir: Path
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.05
+    images_per_cluster: int = 4
+    teachers: Any = None
+    use_cpu: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_split(model: Any, dataset: Any, processor: Any, *, batch_size: int = 128) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Retrieval metrics, modality gap (1,000 pairs) and per-query ranks ``(i2t [N], t2i [M])`` on a caption split."""
+    embedded = embed_caption_dataset(model, dataset, processor, batch_size=batch_size, show_progress=False)
+    i2t, t2i = retrieval_ranks(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image)
+    metrics = metrics_from_ranks(i2t, t2i)
+    metrics["modality_gap"] = modality_gap(
+        embedded.image_embeds, embedded.text_embeds, text_to_image=embedded.text_to_image, num_pairs=1000
+    )
+    return metrics, i2t.cpu().numpy().astype(np.int32), t2i.cpu().numpy().astype(np.int32)
+
+
+class KeepBestOnValidation(TrainerCallback):
+    """After every epoch: score the validation split; keep a copy of the weights with the best RSUM so far."""
+
+    def __init__(self, validation: Any, processor: Any, batch_size: int):
+        self.validation, self.processor, self.batch_size = validation, processor, batch_size
+        self.history: list[dict[str, float]] = []
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch = 0
+        self.best_rsum = -math.inf
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        metrics, _, _ = evaluate_split(model, self.validation, self.processor, batch_size=self.batch_size)
+        epoch = len(self.history) + 1
+        self.history.append({"epoch": epoch, "rsum": metrics["rsum"], "modality_gap": metrics["modality_gap"]})
+        if metrics["rsum"] > self.best_rsum:
+            self.best_rsum, self.best_epoch = metrics["rsum"], epoch
+            self.best_state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+            self.best_metrics = metrics
+        return control
+
+
+def _new_model(spec: RunSpec, context: RunContext) -> Any:
+    from ..configuration import GapClipConfig
+    from ..modeling import GapClipModel
+    from .variants import BASELINES
+
+    set_seed(spec.seed)  # the initialisation of a from-scratch model and of any term parameters
+    backbone, backbone_config = context.build_backbone()
+    config = GapClipConfig(backbone_config, gap_terms=spec.term_specs(), **BASELINES[spec.base])
+    return GapClipModel(config, backbone=copy.deepcopy(backbone) if backbone is not None else None)
+
+
+def _kmeans_sampler(model: Any, context: RunContext, seed: int):
+    from ..data.kmeans_sampler import KMeansBatchSampler, KMeansRefreshCallback
+    from ..inference import embed_images
+
+    def embed(current_model):
+        return embed_images(current_model, context.train, context.processor, batch_size=context.eval_batch_size,
+                            show_progress=False)
+
+    if context.batch_size % context.images_per_cluster:
+        raise ValueError(
+            f"The batch size ({context.batch_size}) must be a multiple of images_per_cluster "
+            f"({context.images_per_cluster}) for K-means neighbour batches."
+        )
+    sampler = KMeansBatchSampler(
+        embed(model), clusters_per_batch=context.batch_size // context.images_per_cluster,
+        images_per_cluster=context.images_per_cluster, seed=seed, drop_last=True,
+    )
+    return sampler, [KMeansRefreshCallback(sampler, embed)]
+
+
+def train_and_evaluate(spec: RunSpec, context: RunContext) -> dict[str, Any]:
+    """Train ``spec`` in ``context``; returns the run record (see :func:`load_run`) and the test ranks."""
+    from ..cli import GapClipTrainingArguments
+    from ..data import CaptionPairs, GapClipCollator
+    from ..trainer import GapClipTrainer
+
+    start = time.time()
+    model = _new_model(spec, context)
+    pairs = CaptionPairs(context.train, mode="one_per_image", seed=spec.seed)
+    collator = GapClipCollator(context.processor, teacher_store=context.teachers if spec.needs_teachers else None)
+    keep_best = KeepBestOnValidation(context.validation, context.processor, context.eval_batch_size)
+    callbacks: list[Any] = [keep_best]
+    sampler = None
+    if spec.sampler == "kmeans":
+        sampler, sampler_callbacks = _kmeans_sampler(model, context, spec.seed)
+        callbacks.extend(sampler_callbacks)
+    steps_per_epoch = len(pairs) // context.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"The training split has {len(pairs)} images, fewer than one batch of {context.batch_size}; "
+            "lower --per_device_train_batch_size."
+        )
+    args = GapClipTrainingArguments(
+        output_dir=str(context.work_dir), num_train_epochs=spec.epochs, learning_rate=spec.learning_rate,
+        per_device_train_batch_size=context.batch_size, weight_decay=context.weight_decay,
+        warmup_steps=context.warmup_ratio, seed=spec.seed, eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False, logging_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_pin_memory=False, use_cpu=context.use_cpu, metric_for_best_model=None,
+    )
+    trainer = GapClipTrainer(
+        model=model, args=args, train_dataset=pairs, data_collator=collator, processing_class=context.processor,
+        processor=context.processor, callbacks=callbacks, train_batch_sampler=sampler,
+    )
+    trainer.remove_callback(PrinterCallback)  # a study prints its tables, not every run's training summary
+    diverged = None
+    try:
+        trainer.train()
+    except RuntimeError as error:  # the non-finite guard stopped the run: a result, not a crash of the study
+        if "non-finite" not in str(error):
+            raise
+        diverged = str(error).splitlines()[0]
+        logger.warning(f"Run {spec.label!r} stopped: {diverged}")
+    record: dict[str, Any] = {
+        "label": spec.label, "spec": asdict(spec), "regime": context.regime, "validation_history": keep_best.history,
+        "diverged": diverged, "best_epoch": keep_best.best_epoch or None,
+    }
+    ranks = None
+    if keep_best.best_state is not None:
+        trainer.model.load_state_dict(keep_best.best_state)
+        record["validation"] = keep_best.best_metrics
+        test_metrics, i2t, t2i = evaluate_split(
+            trainer.model, context.test, context.processor, batch_size=context.eval_batch_size
+        )
+        record["test"] = test_metrics
+        ranks = {"i2t": i2t, "t2i": t2i}
+    else:
+        record["validation"] = record["test"] = None
+    record["wall_seconds"] = round(time.time() - start, 2)
+    trainer.accelerator.free_memory()
+    return {"record": record, "ranks": ranks}
+
+
+def save_run(folder: Path, key: str, result: dict[str, Any]) -> None:
+    """Write a run's ranks, then its record (last, so a record on disk means a complete run)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if result["ranks"] is not None:
+        tmp = folder / f".{key}.npz.tmp"
+        with tmp.open("wb") as handle:
+            np.savez_compressed(handle, **result["ranks"])
+        tmp.replace(folder / f"{key}.npz")
+    tmp = folder / f".{key}.json.tmp"
+    tmp.write_text(json.dumps(result["record"], indent=1))
+    tmp.replace(folder / f"{key}.json")
+
+
+def load_run(folder: Path, key: str) -> dict[str, Any] | None:
+    """The saved record of a finished run (``None`` if it never finished), with its ranks under ``"ranks"``."""
+    path = folder / f"{key}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    ranks_path = folder / f"{key}.npz"
+    if record.get("test") is not None:
+        if not ranks_path.is_file():
+            return None
+        with np.load(ranks_path) as data:
+            record["ranks"] = {"i2t": data["i2t"], "t2i": data["t2i"]}
+    return record

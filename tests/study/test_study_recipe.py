@@ -1,0 +1,103 @@
+"""``recipes/study_methods.py --smoke`` end to end: outputs' shape, resume without retraining, any Karpathy JSON.
+
+Never asserts that a method beats its baseline: the smoke sizes are far too small for that to mean anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import DEMO_SIZES
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+METRICS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "modality_gap"}
+
+
+def _study_recipe():
+    spec = importlib.util.spec_from_file_location("_gapclip_recipe_study_methods", RECIPES / "study_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory, tiny_demo_root):
+    """One smoke study (both regimes), shared by the tests of this module."""
+    assert _study_recipe().SMOKE["data"] == {f"demo_{k[4:]}": v for k, v in DEMO_SIZES.items() if k != "image_size"}
+    out = tmp_path_factory.mktemp("study")
+    results = _study_recipe().main(["--smoke", "--output_dir", str(out), "--disable_tqdm", "true"])
+    return out, results
+
+
+@pytest.mark.slow
+def test_smoke_study_writes_every_method_with_seeds_mean_std_and_comparison(smoke_study):
+    out, results = smoke_study
+    saved = json.loads((out / "study.json").read_text())
+    assert set(saved["regimes"]) == {"pretrained", "scratch"}
+    for regime, section in saved["regimes"].items():
+        methods = section["methods"]
+        assert len(methods) == 20  # every row of default_variants(): the demo data has translations and teachers
+        for name, entry in methods.items():
+            assert set(entry) >= {"seeds", "mean", "std", "vs_baseline", "terms", "learning_rate"}
+            assert len(entry["seeds"]) == (2 if entry["main_table"] else 1)
+            for metrics in entry["seeds"].values():
+                assert METRICS <= set(metrics) and 0 <= metrics["rsum"] <= 600 and 0 <= metrics["modality_gap"] <= 2
+            assert METRICS <= set(entry["mean"]) and METRICS <= set(entry["std"])
+            if name in ("InfoNCE baseline", "Triplet baseline"):
+                assert entry["vs_baseline"] is None
+                continue
+            vs = entry["vs_baseline"]
+            boot = vs["rsum"]["bootstrap"]
+            assert boot["ci_low"] <= boot["diff"] <= boot["ci_high"]
+            assert vs["baseline"] == ("Triplet baseline" if entry["family"] == "DIAS" else "InfoNCE baseline")
+            assert vs["rsum"]["verdict"] in ("gain", "loss", "no measurable difference")
+            assert "diff" in vs["modality_gap"]["seeds"]
+            # the comparison's point estimate is the mean of the per-seed RSUM differences
+            base = methods[vs["baseline"]]["seeds"]
+            per_seed = [entry["seeds"][s]["rsum"] - base[s]["rsum"] for s in entry["seeds"]]
+            assert boot["diff"] == pytest.approx(sum(per_seed) / len(per_seed), abs=1e-6)
+        selection = section["selection"]
+        assert set(selection["learning_rate"]) == {"infonce", "triplet"}
+        for sel in selection["learning_rate"].values():
+            grid = {k: v for k, v in sel["validation_rsum"].items() if v is not None}
+            assert sel["selected"] == pytest.approx(float(max(grid, key=grid.get)))  # chosen on validation
+        assert len(selection["weights"]) == 8
+        assert section["plan"]["runs"] == len(list((out / "runs" / regime).glob("*.json")))
+    table = (out / "study.md").read_text()
+    assert "## Regime: pretrained" in table and "## Regime: scratch" in table
+    assert "| InfoNCE baseline | 2 |" in table and "ΔRSUM [95% CI]" in table
+
+
+@pytest.mark.slow
+def test_a_rerun_trains_nothing_and_gives_the_same_study(smoke_study, monkeypatch):
+    out, results = smoke_study
+    import gapclip.study.pool as pool
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(pool, "train_and_evaluate", no_training)
+    monkeypatch.setattr(pool.RunExecutor, "_run_in_pool", no_training)
+    again = _study_recipe().main(["--smoke", "--output_dir", str(out), "--disable_tqdm", "true"])
+    for regime in ("pretrained", "scratch"):
+        assert again["regimes"][regime]["methods"] == results["regimes"][regime]["methods"]
+        assert again["regimes"][regime]["plan"]["to_do"] == 0
+
+
+@pytest.mark.slow
+def test_study_on_a_karpathy_json_without_translations_skips_gst(tiny_demo_root, tmp_path):
+    results = _study_recipe().main([
+        "--smoke", "--regime", "scratch", "--families", "LG-MGC", "--output_dir", str(tmp_path), "--disable_tqdm",
+        "true", "--dataset", "karpathy", "--karpathy_json", str(tiny_demo_root / "dataset_demo.json"),
+        "--image_root", str(tiny_demo_root / "images"),
+    ])
+    methods = results["regimes"]["scratch"]["methods"]
+    assert "+LSC (concat)" in methods and not any("GST" in name for name in methods)
+    assert "translation" in results["skipped"]["+GST (InfoNCE)"]
+    assert set(results["regimes"]["scratch"]["selection"]["weights"]) == {"lsc"}

@@ -1,0 +1,99 @@
+"""The study's rows and sweeps: valid term specs, every family's baseline, the paper weights of the recipes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from gapclip import GapClipConfig
+from gapclip.study import SWEEPS, default_variants
+from gapclip.study.runner import MethodStudy, StudySettings
+from gapclip.study.variants import BASELINES
+from gapclip.testing import tiny_clip_config
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def test_every_variant_builds_a_valid_config_at_any_selected_weight():
+    weights = {name: sweep.paper_weight * 3 for name, sweep in SWEEPS.items()}
+    names = [v.name for v in default_variants()]
+    assert len(names) == len(set(names))
+    for variant in default_variants():
+        config = GapClipConfig(tiny_clip_config(), gap_terms=variant.gap_terms(weights), **BASELINES[variant.base])
+        assert [t["weight"] for t in config.gap_terms] == [weights[u.sweep] for u in variant.terms]
+
+
+def test_main_table_holds_baselines_each_term_alone_and_each_full_method():
+    main = {v.name: v for v in default_variants() if v.main}
+    baselines = [v for v in main.values() if v.is_baseline]
+    assert sorted(v.base for v in baselines) == ["infonce", "triplet"]
+    alone = {v.terms[0].sweep for v in main.values() if len(v.terms) == 1}
+    assert alone == {"lsc", "gst", "dias_dim", "dias_inter", "dias_intra", "csa", "usa"}
+    full = [v.name for v in main.values() if len(v.terms) > 1]
+    assert len(full) == 3 and {v.family for v in main.values() if len(v.terms) > 1} == {"LG-MGC", "DIAS", "CUSA"}
+    # DIAS rows sit on the summed, distance-weighted triplet loss; the others on InfoNCE
+    assert all((v.base == "triplet") == (v.family == "DIAS" or v.name == "Triplet baseline") for v in main.values())
+    assert BASELINES["triplet"]["triplet_reduction"] == "sum"
+
+
+def test_dias_ablations_differ_from_the_full_method_in_one_thing_each():
+    rows = {v.name: v for v in default_variants() if v.family == "DIAS"}
+    full = rows["DIAS (full: K-means batches, sparse)"]
+    assert full.sampler == "kmeans" and rows["DIAS, random batches"].sampler == "random"
+    assert rows["DIAS, random batches"].terms == full.terms
+    dense = rows["DIAS, dense constraints"].gap_terms({n: 1.0 for n in SWEEPS})
+    assert [t["options"].get("sparse", True) for t in dense] == [True, False, False]
+    literal = rows["DIAS, literal Eq. 14 mask"].gap_terms({n: 1.0 for n in SWEEPS})
+    assert [t["options"].get("selection") for t in literal] == [None, "difference", "difference"]
+    literal_dim = rows["+L_dim (literal Eq. 6)"].gap_terms({n: 1.0 for n in SWEEPS})
+    assert literal_dim[0]["options"] == {"correlation_transform": "none"}
+
+
+def _recipe(name):
+    spec = importlib.util.spec_from_file_location(f"_study_recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_weights_are_the_recipes_defaults():
+    dias, cusa, lgmgc = _recipe("train_clip_dias").DIASArguments(), _recipe("train_clip_cusa").CUSAArguments(), \
+        _recipe("train_clip_lgmgc").LGMGCArguments()
+    assert SWEEPS["dias_dim"].paper_weight == dias.dim_weight == 10.0
+    assert SWEEPS["dias_inter"].paper_weight == dias.inter_weight == 0.05
+    assert SWEEPS["dias_intra"].paper_weight == dias.intra_weight == 0.1
+    assert SWEEPS["csa"].paper_weight == cusa.csa_weight == 0.1
+    assert SWEEPS["usa"].paper_weight == cusa.usa_weight == 0.5
+    assert SWEEPS["lsc"].paper_weight == lgmgc.lsc_weight and SWEEPS["gst"].paper_weight == lgmgc.gst_weight
+
+
+def test_run_counts_and_which_runs_are_shared_with_the_selection_stages():
+    study = MethodStudy(StudySettings(seeds=3), data_args=None, output_dir="unused")
+    everything = {"translation", "teacher"}
+    variants = study.available_variants(everything)
+    shared = [v.name for v in variants if study.is_stage_run(v, 0)]
+    assert shared == ["InfoNCE baseline", "Triplet baseline", "+LSC (concat)", "+GST (InfoNCE)",
+                      "+L_dim (shifted, ours)", "+L_dim (literal Eq. 6)", "+L_inter (sparse)", "+L_intra (sparse)",
+                      "+CSA", "+USA"]
+    assert not any(study.is_stage_run(v, 1) for v in variants)
+    # 2 bases × 3 learning rates + 8 sweeps × 3 weights + (12 main rows × 3 seeds + 8 single rows) - 10 shared
+    assert study.runs_per_regime("pretrained", everything) == 6 + 24 + (36 + 8) - 10
+    without_gst = study.available_variants({"teacher"})
+    assert not any(v.needs & {"translation"} for v in without_gst)
+    only_dias = MethodStudy(StudySettings(families=("DIAS",)), data_args=None, output_dir="unused")
+    assert only_dias.needed_bases(everything) == ["triplet"]  # only the baseline DIAS is compared with
+    assert only_dias.needed_sweeps(everything) == ["dias_dim", "dias_dim_literal", "dias_inter", "dias_intra"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"regimes": ("finetune",)}, "regimes"), ({"families": ("CLIP",)}, "families"), ({"seeds": 0}, "seeds"),
+     ({"weight_factors": (0.0,)}, "weight_factors"), ({"epochs": {"pretrained": 0, "scratch": 1}}, "epochs")],
+)
+def test_bad_settings_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StudySettings(**kwargs)
