@@ -133,7 +133,7 @@ def test_inf_gradient_with_a_finite_loss(tiny_demo_processor, tiny_demo_datasets
     loss = trainer.training_step(model, inputs)
     assert torch.isfinite(loss)
     if loss_scaling:
-        assert trainer._consecutive_nonfinite == 0 and torch.isinf(scale.grad).all()
+        assert trainer.nonfinite_guard.consecutive == 0 and torch.isinf(scale.grad).all()
     else:
-        assert trainer._consecutive_nonfinite == 1 and loss.item() == 0.0
+        assert trainer.nonfinite_guard.consecutive == 1 and loss.item() == 0.0
         assert all(p.grad is None for p in model.parameters())  # zeroed: AdamW leaves every parameter untouched
