@@ -248,7 +248,7 @@ def test_card_without_results_or_base_model(tmp_path, demo_processor):
     "terms,base_loss,cited",
     [
         ([], "auto", ["radford2021clip"]),
-        ([{"name": "csa", "weight": 0.1}, {"name": "usa", "weight": 0.5}], "auto", ["radford2021clip", "huang2024cusa"]),
+        ([{"name": "csa"}, {"name": "usa", "weight": 0.5}], "auto", ["radford2021clip", "huang2024cusa"]),
         ([{"name": "dias_dim", "weight": 10.0}], "triplet", ["faghri2018vsepp", "ma2024dias"]),
     ],
     ids=["base-only", "cusa", "dias"],

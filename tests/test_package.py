@@ -108,7 +108,10 @@ def test_imports_under_python_OO():
     """``-OO`` strips docstrings: nothing may be built from them at import time (the terms' option help, read from
     their docstrings, is then empty). The recipes' modules are not checked: transformers' own ``auto_docstring``
     models (reached through peft) do not import under ``-OO``."""
-    code = "import gapclip, gapclip.losses.dias; assert gapclip.GapTerm.__doc__ is None; print(list(gapclip.TERM_REGISTRY))"
+    code = (
+        "import gapclip, gapclip.losses.dias; assert gapclip.GapTerm.__doc__ is None; "
+        "print(list(gapclip.TERM_REGISTRY))"
+    )
     result = subprocess.run([sys.executable, "-OO", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'dias_inter'" in result.stdout and "'lsc'" in result.stdout

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,7 +330,7 @@ def term_option_field(term: str, option: str, *, help: str | None = None) -> Any
         spec = TERM_REGISTRY[term].option_specs()[option]
     except KeyError:
         raise ValueError(f"term_option_field: gap term {term!r} has no option {option!r}.") from None
-    text = help or spec.help or f"option {option!r} of the {term!r} term"
+    text = re.sub(r"``(.*?)``", r"\1", help or spec.help or f"option {option!r} of the {term!r} term").rstrip(".")
     metadata: dict[str, Any] = {"help": f"{text[0].upper()}{text[1:]} (gap term {term!r}, option {option!r})."}
     if spec.choices:
         metadata["choices"] = list(spec.choices)

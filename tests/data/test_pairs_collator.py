@@ -292,7 +292,8 @@ def test_collator_stacks_declared_tensor_inputs(tmp_path, make_image, demo_proce
     assert set(inputs) == {"label", "weights", "quality"}
     assert inputs["label"].dtype == torch.long and inputs["label"].tolist() == [3, 3, 1, 4]
     assert inputs["weights"].dtype == torch.float32 and inputs["weights"].shape == (4, 2)
-    assert inputs["quality"].tolist() == [1.0, 0.5, 0.0, 1.0]  # rows (img0 cap0), (img0 cap1), (img1 cap0), (img2 cap1)
+    # rows: (image 0, caption 0), (image 0, caption 1), (image 1, caption 0), (image 2, caption 1)
+    assert inputs["quality"].tolist() == [1.0, 0.5, 0.0, 1.0]
 
 
 def test_collator_term_input_errors_name_the_input_and_rows(tmp_path, make_image, demo_processor):
@@ -330,4 +331,5 @@ def test_collator_input_providers_and_callable_collate(tmp_path, make_image, dem
     inputs = GapClipCollator(demo_processor, term_inputs=declared, input_providers=[provider])(items)["term_inputs"]
     assert calls == [[(item["image_id"], item["caption_index"]) for item in items]]
     assert inputs["row_ids"].tolist() == [0, 1, 2]  # the provider's value is used as it is
-    assert inputs["caption"].tolist() == [len(demo_processor.tokenizer(item["caption"])["input_ids"]) for item in items]
+    tokenizer = demo_processor.tokenizer
+    assert inputs["caption"].tolist() == [len(tokenizer(item["caption"])["input_ids"]) for item in items]

@@ -2,9 +2,9 @@
 (term-owned parameters included) and test metrics are identical (CPU, fixed seed, ``dataloader_num_workers=0``).
 
 Parametrised over ``TERM_REGISTRY``, so a newly registered term is covered automatically; a term that reads
-teacher embeddings gets the session's teacher store (an input provider), translations come with the demo data. The DIAS run adds the K-means
-neighbour-batch sampler, resumed both mid-epoch (its clusters must survive) and at an epoch boundary (it must
-re-cluster with the checkpoint's weights).
+teacher embeddings gets the session's teacher store (an input provider), translations come with the demo data. The
+DIAS run adds the K-means neighbour-batch sampler, resumed both mid-epoch (its clusters must survive) and at an epoch
+boundary (it must re-cluster with the checkpoint's weights).
 """
 
 from __future__ import annotations

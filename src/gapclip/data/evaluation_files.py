@@ -23,8 +23,8 @@ def load_extra_positives(path: str | Path) -> list[tuple[Any, int]]:
 
     Format: ``.jsonl`` with one object per line, or ``.json`` holding a list of such objects (or an object with a
     ``"positives"`` list). Each object has ``"image_id"`` (an image id, mapped to a row by the ``image_ids`` of
-    :func:`gapclip.evaluation.build_positive_sets`, or the image row itself) and ``"caption_index"`` (the caption's row in
-    ``text_embeds``)::
+    :func:`gapclip.evaluation.build_positive_sets`, or the image row itself) and ``"caption_index"`` (the caption's
+    row in ``text_embeds``)::
 
         {"image_id": 391895, "caption_index": 17}
 

@@ -140,11 +140,13 @@ class UniModalEvaluator(Evaluator):
         columns = context.dataset.column_names
         if self.label_column not in columns:
             raise ValueError(
-                f"UniModalEvaluator: label column {self.label_column!r} is not a column of the evaluated split; it has "
-                f"{columns} (attach one with --extra_columns FILE.jsonl)."
+                f"UniModalEvaluator: label column {self.label_column!r} is not a column of the evaluated split; it "
+                f"has {columns} (attach one with --extra_columns FILE.jsonl)."
             )
         labels = _label_ids(context.dataset[self.label_column])
-        recalls = unimodal_recall_at_k(context.embedded.image_embeds, labels, ks=self.ks, chunk_size=context.chunk_size)
+        recalls = unimodal_recall_at_k(
+            context.embedded.image_embeds, labels, ks=self.ks, chunk_size=context.chunk_size
+        )
         return {f"image_{key}": value for key, value in recalls.items()}
 
 
@@ -182,7 +184,8 @@ class STSEvaluator(Evaluator):
                     )
             return torch.cat(chunks)
 
-        return {"sts_spearman": sts_spearman(embed(self.pairs.sentence1), embed(self.pairs.sentence2), self.pairs.scores)}
+        pairs = self.pairs
+        return {"sts_spearman": sts_spearman(embed(pairs.sentence1), embed(pairs.sentence2), pairs.scores)}
 
 
 __all__ = [

@@ -438,7 +438,9 @@ def _check_value(term: str, option: str, value: Any, annotation: Any) -> Any:
                 return _check_value(term, option, value, member)
             except ValueError as error:
                 errors.append(str(error))
-        raise ValueError(errors[0] if len(errors) == 1 else f"Gap term {term!r}: option {option}={value!r} is not valid.")
+        if len(errors) == 1:
+            raise ValueError(errors[0])
+        raise ValueError(f"Gap term {term!r}: option {option}={value!r} is not valid.")
     choices = _literal_choices(annotation)
     if choices is not None:
         if not any(value == choice and type(value) is type(choice) for choice in choices):
