@@ -107,7 +107,7 @@ def test_options_are_read_from_the_signature(test_term):
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"mode": "max"}, r"term '_test_config_term': option mode='max' is not valid; accepted values are \['mean', 'sum'"),
+        ({"mode": "max"}, rf"term '{TEST_TERM}': option mode='max' is not valid; accepted values are \['mean', 'sum'"),
         ({"alpha": "big"}, r"option alpha must be a number, got 'big'"),
         ({"alpha": True}, r"option alpha must be a number, got True"),
     ],
