@@ -52,6 +52,9 @@ def test_retrieval_evaluator_is_retrieval_metrics_plus_the_gap():
         embedded.image_embeds, embedded.text_embeds, text_to_image=embedded.text_to_image, num_pairs=3
     )
     assert RetrievalEvaluator(gap_pairs=3)(ctx) == expected
+    from gapclip.inference import retrieval_report
+
+    assert retrieval_report(embedded, gap_pairs=3, chunk_size=2) == expected  # the same on embeddings alone
 
 
 def test_eccv_evaluator_merges_extra_positives_by_image_id(tmp_path):

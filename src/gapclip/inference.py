@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 from .data.collator import ImageCollator, TextCollator
 from .data.pairs import decode_image
-from .evaluation.evaluators import EmbeddedCaptions
+from .evaluation.evaluators import EmbeddedCaptions, EvaluationContext, RetrievalEvaluator
 
 logger = logging.get_logger(__name__)
 
@@ -115,3 +115,12 @@ def embed_images(
         )
     finally:
         model.train(was_training)
+
+
+def retrieval_report(
+    embedded: EmbeddedCaptions, *, chunk_size: int = 1024, gap_pairs: int = 1000, coco_1k: bool = False
+) -> dict[str, float]:
+    """R@1/5/10 both ways, RSUM, ranks and the modality gap (optionally COCO 1K fold means, prefixed ``1k_``): the
+    :class:`~gapclip.evaluation.RetrievalEvaluator` on embeddings alone."""
+    context = EvaluationContext(model=None, processor=None, dataset=None, embedded=embedded, chunk_size=chunk_size)
+    return RetrievalEvaluator(gap_pairs=gap_pairs, coco_1k=coco_1k)(context)
