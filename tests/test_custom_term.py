@@ -73,6 +73,17 @@ def test_registered_from_outside_with_options_from_its_signature(example):
         import_term_modules("no_such_module_anywhere")
 
 
+def test_the_same_file_imported_under_another_name_registers_again(example, monkeypatch):
+    """``import custom_term`` in a script that also passes ``--term_module custom_term.py``: one definition, no clash."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("custom_term_again", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "custom_term_again", module)
+    spec.loader.exec_module(module)
+    assert TERM_REGISTRY[TERM] is module.LabelSupConLoss is not example.LabelSupConLoss
+
+
 def test_the_model_gathers_and_passes_the_label(example, make_clip_model, clip_inputs):
     model = make_clip_model(gap_terms=[{"name": TERM, "weight": 0.5, "options": {"temperature": 0.2}}])
     assert [i.name for i in model.declared_term_inputs] == ["label"]

@@ -21,7 +21,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -261,8 +263,9 @@ TERM_REGISTRY: dict[str, type[GapTerm]] = {}
 def register_term(cls: type[GapTerm]) -> type[GapTerm]:
     """Class decorator adding a :class:`GapTerm` subclass to the registry under ``cls.name``.
 
-    Registering the same class again, or a new definition of it (same module and qualified name, e.g. a module
-    imported again), is allowed; another class under a taken name is a ValueError.
+    Registering the same class again, or a new definition of it (same qualified name, from the same module or the
+    same file, e.g. a module imported again or under another name), is allowed; another class under a taken name is a
+    ValueError.
     """
     if not (isinstance(cls, type) and issubclass(cls, GapTerm)):
         raise TypeError(f"register_term expects a GapTerm subclass, got {cls!r}.")
@@ -270,11 +273,21 @@ def register_term(cls: type[GapTerm]) -> type[GapTerm]:
         raise ValueError(f"{cls.__name__} needs a class attribute `name` (the key of its gap_terms entries).")
     taken = TERM_REGISTRY.get(cls.name)
     if taken is not None and taken is not cls:
-        if (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        if not _same_definition(taken, cls):
             raise ValueError(f"A gap term named {cls.name!r} is already registered ({taken.__name__}).")
         logger.info(f"Gap term {cls.name!r} registered again ({cls.__module__}.{cls.__qualname__}).")
     TERM_REGISTRY[cls.name] = cls
     return cls
+
+
+def _same_definition(a: type, b: type) -> bool:
+    """Two classes from one definition: the same module, or the same file imported under two module names."""
+    if a.__qualname__ != b.__qualname__:
+        return False
+    if a.__module__ == b.__module__:
+        return True
+    files = [getattr(sys.modules.get(cls.__module__), "__file__", None) for cls in (a, b)]
+    return None not in files and os.path.realpath(files[0]) == os.path.realpath(files[1])
 
 
 def validate_term_specs(specs: list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
