@@ -195,8 +195,9 @@ def make_model(mode: str, gap_terms: Sequence[str] = (), base_loss: str = "auto"
     return model
 
 
-def make_batch(mode: str, batch: int, device: str = "cpu", seed: int = 1) -> dict[str, torch.Tensor]:
-    """Every input any registered term reads (translations, teacher embeddings), like testing_multiprocess."""
+def make_batch(mode: str, batch: int, device: str = "cpu", seed: int = 1) -> dict[str, Any]:
+    """Every per-row input the built-in terms declare (GST's translations, CUSA's teacher embeddings), as the
+    collator's ``term_inputs``; the model reads those its terms declare."""
     g = torch.Generator().manual_seed(seed)
     s = SHAPES[mode]
     n, length = batch, SEQ_LEN
@@ -209,18 +210,22 @@ def make_batch(mode: str, batch: int, device: str = "cpu", seed: int = 1) -> dic
     translation_ids = torch.randint(4, VOCAB, (n, 12), generator=g)
     translation_ids[:, 0], translation_ids[:, -1] = 2, 3
     unit = lambda: torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=g), dim=-1)  # noqa: E731
+    translation = {
+        "input_ids": translation_ids, "attention_mask": torch.ones_like(translation_ids),
+        "present": torch.ones(n, dtype=torch.bool),
+    }
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "pixel_values": torch.randn(n, 3, s["image_size"], s["image_size"], generator=g),
         "image_index": torch.arange(n),
-        "translation_input_ids": translation_ids,
-        "translation_attention_mask": torch.ones_like(translation_ids),
-        "has_translation": torch.ones(n, dtype=torch.bool),
-        "teacher_image_embeds": unit(),
-        "teacher_text_embeds": unit(),
+        "term_inputs": {"translation": translation, "teacher_image_embeds": unit(), "teacher_text_embeds": unit()},
     }
-    return {k: v.to(device) for k, v in out.items()}
+    return _to(out, device)
+
+
+def _to(value: Any, device: str) -> Any:
+    return {k: _to(v, device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
 
 
 def train_step_fn(model, batch: dict[str, torch.Tensor]) -> Callable[[], float]:

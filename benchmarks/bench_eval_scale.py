@@ -45,7 +45,7 @@ def make_embeds(num_images: int, dim: int, seed: int = 0):
 def naive_metrics(images, texts, text_to_image, ks=(1, 5, 10)) -> dict[str, float]:
     """Full [M, N] similarity matrix, full argsort per query, rank = position of the first positive."""
     import torch
-    from gapclip.evaluation import _median_rank, _recall
+    from gapclip.evaluation import metrics_from_ranks
 
     with torch.no_grad():
         sim = texts @ images.t()  # [M, N]
@@ -54,15 +54,7 @@ def naive_metrics(images, texts, text_to_image, ks=(1, 5, 10)) -> dict[str, floa
         del order
         order = sim.t().argsort(dim=1, descending=True)  # [N, M]
         i2t = (text_to_image[order] == torch.arange(images.shape[0])[:, None]).int().argmax(dim=1)
-    metrics = {}
-    for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
-        for k in ks:
-            metrics[f"{direction}_r{k}"] = _recall(ranks, k)
-    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
-    metrics["i2t_medr"], metrics["t2i_medr"] = _median_rank(i2t), _median_rank(t2i)
-    metrics["i2t_meanr"] = i2t.double().mean().item() + 1.0
-    metrics["t2i_meanr"] = t2i.double().mean().item() + 1.0
-    return metrics
+    return metrics_from_ranks(i2t, t2i, ks=ks)
 
 
 def chunked_metrics(images, texts, text_to_image, chunk_size: int = 1024) -> dict[str, float]:

@@ -25,6 +25,7 @@ from typing import Any
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from gapclip.cli import import_term_modules
 from gapclip.hub import export_backbone, push_exported
 
 logger = logging.get_logger(__name__)
@@ -51,6 +52,10 @@ class ExportArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository id (owner/name) to push to."})
     hub_token: str | None = field(default=None, metadata={"help": "Token (default: the logged-in one)."})
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repository as private."})
+    term_module: str | None = field(
+        default=None,
+        metadata={"help": "Python file or module registering the gap terms of your own the checkpoint uses."},
+    )
 
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> Path:
         card_data["datasets"] = [name.strip() for name in args.datasets.split(",") if name.strip()]
 
     # 3. export
+    import_term_modules(args.term_module)
     output_dir = export_backbone(
         args.checkpoint, args.output_dir, processor=processor, merge_lora=not args.keep_lora,
         eval_results=eval_results, eval_split=args.eval_split, card_data=card_data, repo_id=args.hub_model_id,

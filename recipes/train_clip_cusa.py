@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from gapclip.cli import DataArguments, default_teacher_dir, load_datasets, parse_args, run_training
+from gapclip.cli import DataArguments, default_teacher_dir, load_datasets, parse_args, run_training, term_option_field
 from gapclip.teachers import DEFAULT_TEXT_TEACHER_NAME, TeacherStore, check_coverage, precompute_teachers
 
 logger = logging.get_logger(__name__)
@@ -32,7 +32,9 @@ class CUSAArguments:
     csa_weight: float = field(default=0.1, metadata={"help": "α, weight of CSA."})
     usa: bool = field(default=True, metadata={"help": "Use Uni-modal Soft-label Alignment (--no_usa to drop)."})
     usa_weight: float = field(default=0.5, metadata={"help": "β, weight of USA."})
-    teacher_temperature: float = field(default=1.0, metadata={"help": "Temperature of the teacher softmax (Eq. 5)."})
+    teacher_temperature: float = term_option_field(
+        "csa", "teacher_temperature", help="temperature of the teacher softmax (Eq. 5), for CSA and USA"
+    )
     teachers: str | None = field(
         default=None, metadata={"help": "teachers.safetensors (or its folder); default: 'teachers' next to the data."}
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from safetensors.torch import load_file
 
-from gapclip.cli import parse_args, run_training
+from gapclip.cli import parse_args, run_training, term_option_field
 from gapclip.data.kmeans_sampler import KMeansBatchSampler, KMeansRefreshCallback
 from gapclip.inference import embed_images
 
@@ -31,8 +31,11 @@ class DIASArguments:
     inter_weight: float = field(default=0.05, metadata={"help": "ω_inter (paper: 0.05)."})
     dias_intra: bool = field(default=True, metadata={"help": "Use L_intra (--no_dias_intra to drop)."})
     intra_weight: float = field(default=0.1, metadata={"help": "ω_intra (paper: 0.1)."})
-    sparse: bool = field(default=True, metadata={"help": "Sparse correlation mask (Eq. 11–14); --no_sparse: dense."})
-    mask: str = field(default="straight_through", metadata={"help": "straight_through | soft | hard (how β learns)."})
+    sparse: bool = term_option_field(
+        "dias_inter", "sparse", help="sparse correlation mask (Eq. 11–14); --no_sparse: dense (Eq. 8/10)"
+    )
+    mask: str = term_option_field("dias_inter", "mask")
+    selection: str = term_option_field("dias_inter", "selection")
     neighbour_batches: bool = field(default=True, metadata={"help": "K-means neighbour batches (--no_neighbour_batches)."})
     images_per_cluster: int = field(default=4, metadata={"help": "P: images drawn from each cluster per batch."})
     num_clusters: int | None = field(default=None, metadata={"help": "K of K-means (default: about 4 chunks each)."})
@@ -42,7 +45,7 @@ class DIASArguments:
     recluster_every: int = field(default=1, metadata={"help": "Re-embed and re-cluster every N epochs."})
 
     def gap_terms(self) -> list[dict]:
-        spatial = {"sparse": self.sparse, "mask": self.mask}
+        spatial = {"sparse": self.sparse, "mask": self.mask, "selection": self.selection}
         terms = []
         if self.dias_dim:
             terms.append({"name": "dias_dim", "weight": self.dim_weight})

@@ -20,21 +20,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gapclip.cli import parse_args, run_training
+from gapclip.cli import parse_args, run_training, term_option_field
 
 
 @dataclass
 class LGMGCArguments:
-    """LG-MGC terms; defaults are the supplement's recommended full method (LSC concat + GST InfoNCE, weights 1)."""
+    """LG-MGC terms; defaults are the supplement's recommended full method (LSC concat + GST InfoNCE, weights 1).
+    The option flags take their defaults and choices from the terms (`gapclip.losses.lgmgc`)."""
 
     lsc: bool = field(default=True, metadata={"help": "Use Local-driven Semantic Completion (--no_lsc to drop)."})
     lsc_weight: float = field(default=1.0, metadata={"help": "Weight of the LSC term."})
-    lsc_k: int = field(default=4, metadata={"help": "Local tokens selected per image/caption."})
-    lsc_fusion: str = field(default="concat", metadata={"help": "concat | max | mean"})
+    lsc_k: int = term_option_field("lsc", "k")
+    lsc_fusion: str = term_option_field("lsc", "fusion")
     gst: bool = field(default=True, metadata={"help": "Use Generative-driven Semantic Translation (--no_gst to drop)."})
     gst_weight: float = field(default=1.0, metadata={"help": "Weight of the GST term."})
-    gst_distance: str = field(default="infonce", metadata={"help": "infonce | kl | l2"})
-    gst_on_missing: str = field(default="error", metadata={"help": "error | skip (rows without a translation)."})
+    gst_distance: str = term_option_field("gst", "distance")
+    gst_on_missing: str = term_option_field("gst", "on_missing")
 
     def gap_terms(self) -> list[dict]:
         terms = []

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPConfig, SiglipConfig
 
 from gapclip import GapClipConfig, GapClipModel, GapTerm, register_term
-from gapclip.losses import TERM_REGISTRY, validate_term_specs
+from gapclip.losses import TERM_REGISTRY, describe_terms, validate_term_specs
 from gapclip.testing import tiny_bert_config, tiny_clip_config, tiny_siglip_config
 
 TEST_TERM = "_test_config_term"
@@ -21,11 +21,21 @@ def test_term():
     """A throwaway term registered for one test (the real terms are developed elsewhere) and removed afterwards."""
 
     class _ConfigTestTerm(GapTerm):
+        """A test term.
+
+        Args:
+            alpha: scale of the term.
+            mode: how rows are reduced: mean or sum.
+        """
+
         name: ClassVar[str] = TEST_TERM
-        default_options: ClassVar[dict] = {"alpha": 0.5, "mode": "mean"}
+
+        def __init__(self, embed_dim: int, *, alpha: float = 0.5, mode: Literal["mean", "sum"] = "mean"):
+            super().__init__(embed_dim)
+            self.alpha, self.mode = alpha, mode
 
         def forward(self, batch):
-            return (batch.image_embeds * batch.text_embeds).sum(-1).mean() * self.options["alpha"]
+            return (batch.image_embeds * batch.text_embeds).sum(-1).mean() * self.alpha
 
     register_term(_ConfigTestTerm)
     yield _ConfigTestTerm
@@ -80,6 +90,95 @@ def test_specs_are_normalised(test_term):
     specs = validate_term_specs([TEST_TERM])
     assert specs == [{"name": TEST_TERM, "weight": 1.0, "options": {}}]
     assert validate_term_specs(None) == []
+
+
+def test_options_are_read_from_the_signature(test_term):
+    assert test_term.default_options == {"alpha": 0.5, "mode": "mean"}
+    specs = test_term.option_specs()
+    assert specs["mode"].choices == ("mean", "sum") and specs["alpha"].choices is None
+    assert specs["alpha"].help == "scale of the term." and specs["mode"].help.startswith("how rows are reduced")
+    listing = describe_terms()[TEST_TERM]
+    assert listing["options"] == {"alpha": 0.5, "mode": "mean"} and listing["choices"] == {"mode": ["mean", "sum"]}
+    assert listing["summary"] == "A test term." and listing["inputs"] == []
+    term = test_term(8, alpha=2, mode="sum")  # an int for a float option is read as a float
+    assert term.get_config_dict() == {"alpha": 2.0, "mode": "sum"} and isinstance(term.alpha, float)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"mode": "max"}, rf"term '{TEST_TERM}': option mode='max' is not valid; accepted values are \['mean', 'sum'"),
+        ({"alpha": "big"}, r"option alpha must be a number, got 'big'"),
+        ({"alpha": True}, r"option alpha must be a number, got True"),
+    ],
+)
+def test_option_values_are_checked_against_their_annotations(test_term, options, match):
+    with pytest.raises(ValueError, match=match):
+        GapClipConfig(tiny_clip_config(), gap_terms=[{"name": TEST_TERM, "options": options}])
+    with pytest.raises(ValueError, match=match):
+        test_term(8, **options)
+
+
+def test_bool_int_and_str_options_are_checked():
+    class _Typed(GapTerm):
+        name: ClassVar[str] = "_typed"
+
+        def __init__(
+            self, embed_dim: int, *, flag: bool = True, count: int = 3, label: str = "x", cap: int | None = None
+        ):
+            super().__init__(embed_dim)
+            self.flag, self.count, self.label, self.cap = flag, count, label, cap
+
+    assert _Typed(4, cap=None).options == {"flag": True, "count": 3, "label": "x", "cap": None}
+    for options, match in [
+        ({"flag": 1}, "option flag must be true or false, got 1"),
+        ({"count": 2.5}, "option count must be an integer, got 2.5"),
+        ({"count": False}, "option count must be an integer, got False"),
+        ({"label": 3}, "option label must be a string, got 3"),
+        ({"cap": "7"}, "option cap must be an integer, got '7'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _Typed(4, **options)
+
+
+def test_options_must_be_keyword_arguments_with_defaults():
+    with pytest.raises(TypeError, match=r"'k' is not"):
+        class _Positional(GapTerm):  # noqa: F841
+            name: ClassVar[str] = "_positional"
+
+            def __init__(self, embed_dim: int, k: int = 4):
+                super().__init__(embed_dim)
+
+    with pytest.raises(TypeError, match=r"'k' is not"):
+        class _NoDefault(GapTerm):  # noqa: F841
+            name: ClassVar[str] = "_no_default"
+
+            def __init__(self, embed_dim: int, *, k: int):
+                super().__init__(embed_dim)
+
+    with pytest.raises(TypeError, match="declare the options as keyword-only arguments"):
+        class _Legacy(GapTerm):  # noqa: F841
+            name: ClassVar[str] = "_legacy"
+            default_options: ClassVar[dict] = {"k": 4}
+
+
+def test_an_option_not_stored_under_its_name_is_named():
+    class _Forgetful(GapTerm):
+        name: ClassVar[str] = "_forgetful"
+
+        def __init__(self, embed_dim: int, *, k: int = 4):
+            super().__init__(embed_dim)
+
+    with pytest.raises(TypeError, match=r"does not store its option 'k' as self.k"):
+        _Forgetful(4).get_config_dict()
+
+
+def test_a_redefinition_of_a_registered_class_replaces_it(test_term):
+    """Importing a module again (a notebook cell run twice, --term_module of a recipe's own file) is no clash."""
+    redefined = type(test_term.__name__, (test_term,), {"__module__": test_term.__module__,
+                                                         "__qualname__": test_term.__qualname__})
+    assert register_term(redefined) is redefined and TERM_REGISTRY[TEST_TERM] is redefined
+    register_term(test_term)
 
 
 def test_registering_another_class_under_a_taken_name_fails(test_term):
@@ -161,6 +260,16 @@ def test_save_load_round_trip_keeps_backbone_config_and_terms(tmp_path, test_ter
     auto = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(auto, GapClipConfig)
     assert auto.to_diff_dict() == loaded.to_diff_dict()
+
+
+def test_lora_settings_are_declared_fields():
+    assert GapClipConfig().lora is None and GapClipConfig().merged_lora is None
+    settings = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]}
+    config = GapClipConfig(tiny_clip_config(), lora=settings)
+    assert GapClipConfig.from_dict(config.to_dict()).lora == settings
+    assert GapClipConfig(tiny_clip_config()).to_dict()["lora"] is None
+    with pytest.raises(TypeError, match="lora must be a dict of LoRA settings or None, got int"):
+        GapClipConfig(lora=4)
 
 
 def test_auto_classes_are_registered(tmp_path, test_term):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,18 +9,15 @@ import pytest
 import torch
 
 from gapclip.evaluation import (
-    StsPairs,
     build_positive_sets,
     coco_1k_metrics,
     eccv_metrics,
-    embed_in_chunks,
     format_retrieval_table,
-    load_extra_positives,
-    load_sts_pairs,
+    metrics_from_ranks,
     modality_gap,
     retrieval_metrics,
+    retrieval_ranks,
     sts_spearman,
-    unimodal_recall_at_1,
     unimodal_recall_at_k,
 )
 
@@ -36,7 +32,8 @@ def _ranking(scores_row: np.ndarray, positive_row: np.ndarray) -> np.ndarray:
     return np.lexsort((~positive_row, -scores_row))
 
 
-def naive_retrieval(images, texts, text_to_image, ks=(1, 5, 10), normalize=True):
+def naive_ranks(images, texts, text_to_image, normalize=True):
+    """0-based rank of each query's best positive, from full sorts."""
     if normalize:
         images = torch.nn.functional.normalize(images, dim=-1)
         texts = torch.nn.functional.normalize(texts, dim=-1)
@@ -52,7 +49,11 @@ def naive_retrieval(images, texts, text_to_image, ks=(1, 5, 10), normalize=True)
         positive = np.arange(n) == t2i_index[j]
         order = _ranking(sims[:, j], positive)
         t2i_ranks.append(int(np.nonzero(positive[order])[0][0]))
-    i2t_ranks, t2i_ranks = np.array(i2t_ranks), np.array(t2i_ranks)
+    return np.array(i2t_ranks), np.array(t2i_ranks)
+
+
+def naive_retrieval(images, texts, text_to_image, ks=(1, 5, 10), normalize=True):
+    i2t_ranks, t2i_ranks = naive_ranks(images, texts, text_to_image, normalize)
     out = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         for k in ks:
@@ -97,6 +98,16 @@ def random_setup(num_images=23, captions=3, dim=8, seed=0):
 # ---------------------------------------------------------------------------------------------------------------------
 # retrieval_metrics
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_ranks_are_each_querys_best_positive_rank():
+    images, texts, text_to_image = random_setup(seed=3)
+    expected_i2t, expected_t2i = naive_ranks(images, texts, text_to_image)
+    for chunk_size in (1, 5, 1024):
+        i2t, t2i = retrieval_ranks(images, texts, text_to_image, chunk_size=chunk_size)
+        assert i2t.dtype == t2i.dtype == torch.long and i2t.shape == (23,) and t2i.shape == (69,)
+        assert i2t.tolist() == expected_i2t.tolist() and t2i.tolist() == expected_t2i.tolist()
+    assert metrics_from_ranks(i2t, t2i) == retrieval_metrics(images, texts, text_to_image)
 
 
 def test_hand_checked_three_images_two_captions():
@@ -356,21 +367,11 @@ def test_eccv_ties_and_sequence_positives():
         eccv_metrics(images, texts, {0: [9]}, t2i)
 
 
-def test_load_extra_positives_and_merge(tmp_path):
-    jsonl = tmp_path / "extra.jsonl"
-    jsonl.write_text('{"image_id": 100, "caption_index": 3}\n\n{"image_id": 300, "caption_index": 0}\n')
-    pairs = load_extra_positives(jsonl)
-    assert pairs == [(100, 3), (300, 0)]
-    as_json = tmp_path / "extra.json"
-    as_json.write_text(json.dumps({"positives": [{"image_id": 100, "caption_index": 3}]}))
-    assert load_extra_positives(as_json) == [(100, 3)]
+def test_extra_positives_merge_with_the_datasets_own():
+    pairs = [(100, 3), (300, 0)]  # as load_extra_positives reads them (tests/data/test_evaluation_files.py)
     i2t, t2i = build_positive_sets(torch.tensor([0, 0, 1, 2]), 3, extra_pairs=pairs, image_ids=[100, 200, 300])
     assert i2t == {0: [0, 1, 3], 1: [2], 2: [0, 3]}
     assert t2i == {0: [0, 2], 1: [0], 2: [1], 3: [0, 2]}
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"image": 1, "caption_index": 0}\n')
-    with pytest.raises(ValueError, match=r"available: \['caption_index', 'image'\]"):
-        load_extra_positives(bad)
     with pytest.raises(ValueError, match="not in `image_ids`"):
         build_positive_sets(torch.tensor([0]), 1, extra_pairs=[(5, 0)], image_ids=[1])
 
@@ -384,13 +385,13 @@ def test_unimodal_recall_excludes_self():
     embeds = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.95, 0.05]])
     labels = torch.tensor([0, 1, 1, 1, 0])
     # NN (self excluded): 0->4 (hit), 1->4 (miss), 2->3 (hit), 3->2 (hit), 4->0 (hit)  => 80%
-    assert unimodal_recall_at_1(embeds, labels) == pytest.approx(80.0)
-    assert unimodal_recall_at_1(embeds, labels, chunk_size=1) == pytest.approx(80.0)
+    assert unimodal_recall_at_k(embeds, labels)["r1"] == pytest.approx(80.0)
+    assert unimodal_recall_at_k(embeds, labels, chunk_size=1)["r1"] == pytest.approx(80.0)
     # item 1's neighbours: 4, 0 (label 0), then 3 (label 1) -> a hit only from K=3
     r = unimodal_recall_at_k(embeds, labels, ks=(1, 2, 3), chunk_size=2)
     assert r == {"r1": pytest.approx(80.0), "r2": pytest.approx(80.0), "r3": pytest.approx(100.0)}
     # without self-exclusion every query would find itself: the gallery form shows the difference
-    assert unimodal_recall_at_1(embeds, labels, gallery_embeds=embeds, gallery_labels=labels) == 100.0
+    assert unimodal_recall_at_k(embeds, labels, gallery_embeds=embeds, gallery_labels=labels)["r1"] == 100.0
 
 
 def test_unimodal_recall_matches_naive_and_singletons_miss():
@@ -408,11 +409,11 @@ def test_unimodal_recall_matches_naive_and_singletons_miss():
         got = unimodal_recall_at_k(embeds, labels, ks=(1, 4), chunk_size=chunk_size)
         assert got == {key: pytest.approx(value) for key, value in expected.items()}
     # query/gallery split (In-Shop): nothing excluded, an exact duplicate in the gallery is a hit
-    assert unimodal_recall_at_1(embeds[:5], labels[:5], gallery_embeds=embeds, gallery_labels=labels) == 100.0
+    assert unimodal_recall_at_k(embeds[:5], labels[:5], gallery_embeds=embeds, gallery_labels=labels)["r1"] == 100.0
     with pytest.raises(ValueError, match="both"):
-        unimodal_recall_at_1(embeds, labels, gallery_embeds=embeds)
+        unimodal_recall_at_k(embeds, labels, gallery_embeds=embeds)["r1"]
     with pytest.raises(ValueError, match="one per item"):
-        unimodal_recall_at_1(embeds, labels[:-1])
+        unimodal_recall_at_k(embeds, labels[:-1])["r1"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,66 +430,3 @@ def test_sts_spearman_monotone_and_reversed():
     assert sts_spearman(emb1, emb2, [-s for s in gold]) == pytest.approx(-100.0)
     with pytest.raises(ValueError, match="same length"):
         sts_spearman(emb1, emb2, gold[:-1])
-
-
-def test_load_sts_pairs_local_files(tmp_path):
-    csv_path = tmp_path / "sts.csv"
-    csv_path.write_text('sentence1,sentence2,score\n"A man, running",A man runs,4.5\nA cat,A dog,1\n')
-    pairs = load_sts_pairs(csv_path)
-    assert isinstance(pairs, StsPairs)
-    assert pairs.sentence1 == ["A man, running", "A cat"] and pairs.scores == [4.5, 1.0]
-    tsv_path = tmp_path / "sts.tsv"
-    tsv_path.write_text("s1\ts2\tlabel\nx\ty\t0.2\n")
-    assert load_sts_pairs(tsv_path, sentence1_column="s1", sentence2_column="s2", score_column="label").scores == [0.2]
-    jsonl_path = tmp_path / "sts.jsonl"
-    jsonl_path.write_text('{"sentence1": "a", "sentence2": "b", "score": 3}\n')
-    assert load_sts_pairs(jsonl_path) == StsPairs(["a"], ["b"], [3.0])
-    missing = tmp_path / "missing.csv"
-    missing.write_text("text_a,text_b,score\nx,y,1\n")
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['sentence1', 'sentence2'\]; available columns: "
-                       r"\['text_a', 'text_b', 'score'\]"):
-        load_sts_pairs(missing)
-    bad_score = tmp_path / "bad.csv"
-    bad_score.write_text("sentence1,sentence2,score\nx,y,high\n")
-    with pytest.raises(ValueError, match="non-numeric"):
-        load_sts_pairs(bad_score)
-    with pytest.raises(ValueError, match="extension"):
-        (tmp_path / "sts.txt").write_text("x")
-        load_sts_pairs(tmp_path / "sts.txt")
-
-
-def test_load_sts_pairs_datasets_code_path(tmp_path, monkeypatch):
-    # Not a file -> datasets.load_dataset(name, split=...); a local folder stands in for a Hub repo (offline).
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "stsb"
-    folder.mkdir()
-    (folder / "test.csv").write_text("sentence1,sentence2,score\na,b,0.5\nc,d,1.0\n")
-    assert load_sts_pairs(str(folder), split="test") == StsPairs(["a", "c"], ["b", "d"], [0.5, 1.0])
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['similarity'\]; available columns"):
-        load_sts_pairs(str(folder), score_column="similarity")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# embed_in_chunks
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_embed_in_chunks_concatenates_in_order():
-    items = list(range(10))
-    calls = []
-
-    def encode(batch):
-        calls.append(len(batch))
-        return torch.tensor(batch, dtype=torch.float32)[:, None].repeat(1, 3)
-
-    out = embed_in_chunks(encode, items, 4, desc="test", show_progress=False)
-    assert calls == [4, 4, 2]
-    assert out.shape == (10, 3) and torch.equal(out[:, 0], torch.arange(10).float())
-    with pytest.raises(ValueError, match="batch size"):
-        embed_in_chunks(lambda b: torch.zeros(1, 3), items, 4, show_progress=False)
-    with pytest.raises(ValueError, match="empty"):
-        embed_in_chunks(encode, [], 4)
-    with pytest.raises(ValueError, match="batch_size"):
-        embed_in_chunks(encode, items, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -219,14 +220,16 @@ def test_card_metadata_round_trip(tmp_path, demo_processor):
     assert 'AutoModel.from_pretrained("me/clip-lgmgc")' in text and "AutoProcessor" in text
     assert "| `lsc` | 0.5 | `k=2`" in text and "| `dias_inter` | 0.25 |" in text
     assert "| flickr30k | 41.50 | 70.25 | 80.00 | 30.00 | 60.00 | 72.50 | 354.25 | 0.4321 |" in text
+    from gapclip.losses.contrastive import CLIP_CITATION
     from gapclip.losses.cusa import CUSA_CITATION
     from gapclip.losses.dias import DIAS_CITATION
     from gapclip.losses.lgmgc import LGMGC_CITATION
 
-    for citation in (LGMGC_CITATION, DIAS_CITATION, CUSA_CITATION):  # the losses' own BibTeX, verbatim
-        assert f"```bibtex\n{citation}\n```" in text
-    assert "ma2024dias" in text and "huang2024cusa" in text
-    assert "Local and Generative-driven Modality Gap Correction" in text
+    # the BibTeX of what the model was trained with (base loss, lsc, dias_inter), each term's own, verbatim and once
+    for citation in (CLIP_CITATION, LGMGC_CITATION, DIAS_CITATION):
+        assert text.count(f"```bibtex\n{citation}\n```") == 1
+    assert "ma2024dias" in text and "Local and Generative-driven Modality Gap Correction" in text
+    assert CUSA_CITATION not in text and "huang2024cusa" not in text  # not trained with CUSA: not cited
     # the metadata block is valid YAML that huggingface_hub turns back into the same model-index
     from huggingface_hub.repocard_data import eval_results_to_model_index
 
@@ -239,6 +242,32 @@ def test_card_without_results_or_base_model(tmp_path, demo_processor):
     card = ModelCard.load(out / "README.md")
     assert card.data.eval_results is None and card.data.base_model is None
     assert "trained from scratch" in card.text and "No evaluation results" in card.text
+
+
+@pytest.mark.parametrize(
+    "terms,base_loss,cited",
+    [
+        ([], "auto", ["radford2021clip"]),
+        ([{"name": "csa"}, {"name": "usa", "weight": 0.5}], "auto", ["radford2021clip", "huang2024cusa"]),
+        ([{"name": "dias_dim", "weight": 10.0}], "triplet", ["faghri2018vsepp", "ma2024dias"]),
+    ],
+    ids=["base-only", "cusa", "dias"],
+)
+def test_card_cites_only_what_the_model_was_trained_with(tmp_path, demo_processor, terms, base_loss, cited):
+    from gapclip.hub import objective_citations, render_model_card, training_config
+
+    tokenizer = demo_processor.tokenizer
+    config = tiny_clip_config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GapClipModel(GapClipConfig(config, gap_terms=terms, base_loss=base_loss)).eval()
+    text = ModelCard.load(export_backbone(model, tmp_path / "release") / "README.md").text
+    keys = re.findall(r"```bibtex\n@\w+\{(\w+),", text)
+    assert keys == cited
+    # from the config alone (the terms looked up in the registry), the same entries
+    assert render_model_card(model.backbone, training_config(model)).text.count("```bibtex") == len(cited)
+    assert len(objective_citations(model)) == len(cited)
 
 
 # ------------------------------------------------------------------------------------------------------ push
@@ -340,7 +369,7 @@ def test_training_recipe_with_lora_exports_and_pushes_the_backbone(tmp_path, mon
     assert second["trainer"].state.global_step == 4
     assert not is_lora_model(second["trainer"].model)
     final_config = json.loads((output_dir / "config.json").read_text())
-    assert "lora" not in final_config and final_config["merged_lora"]["r"] == 4
+    assert final_config.get("lora") is None and final_config["merged_lora"]["r"] == 4  # lora: a declared field
     assert len(hub.uploads) == 2
 
 

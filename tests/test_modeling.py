@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from gapclip import GapClipConfig, GapClipModel, GapClipOutput
-from gapclip.losses import InfoNCELoss, SigmoidLoss, TripletLoss
+from gapclip import TERM_REGISTRY, GapClipConfig, GapClipModel, GapClipOutput, GapTerm, register_term
+from gapclip.losses import InfoNCELoss, SigmoidLoss, TermInput, TripletLoss
 from gapclip.testing import tiny_clip_config
 
 from .conftest import clip_text_batch, pixel_batch
@@ -235,3 +235,76 @@ def test_wrapping_keeps_the_backbones_attention_implementation(make_vtde_model):
     torch.testing.assert_close(padded[2:], short, atol=1e-5, rtol=1e-5)
     explicit = GapClipConfig(tiny_clip_config(), attn_implementation="eager")
     assert explicit.backbone_config.text_config._attn_implementation == "eager"
+
+
+# ---------------------------------------------------------------------------------------------------- term inputs
+class _WeightedInput(GapTerm):
+    """Weights each pair's cosine by a per-row input, passed through an encode hook; adds a per-batch table."""
+
+    name = "_test_weighted_input"
+    inputs = (TermInput("row_weight"), TermInput("table", gather=False))
+
+    def encode_inputs(self, inputs, model):
+        assert isinstance(model, GapClipModel)  # the hook may encode through the model's towers
+        return {"doubled_weight": 2.0 * inputs["row_weight"], "table": inputs["table"]}
+
+    def forward(self, batch):
+        cosine = (batch.image_embeds * batch.text_embeds).sum(-1)
+        return (batch.extras["doubled_weight"] * cosine).mean() + batch.extras["table"].sum()
+
+
+@pytest.fixture
+def weighted_input_term():
+    register_term(_WeightedInput)
+    yield _WeightedInput
+    TERM_REGISTRY.pop(_WeightedInput.name, None)
+
+
+def test_term_inputs_reach_the_term_through_its_hook(weighted_input_term, make_clip_model, clip_inputs):
+    model = make_clip_model(gap_terms=[{"name": _WeightedInput.name, "weight": 0.5}])
+    assert model.declared_term_inputs == _WeightedInput.inputs
+    weights, table = torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.25, 0.5, 1.0])
+    out = model(**clip_inputs, return_loss=True, term_inputs={"row_weight": weights, "table": table, "other": 1})
+    expected = (2.0 * weights * (out.image_embeds * out.text_embeds).sum(-1)).mean() + 1.75
+    torch.testing.assert_close(out.loss_terms[_WeightedInput.name], expected)
+    torch.testing.assert_close(out.loss, out.loss_terms["base"] + 0.5 * expected)
+    with pytest.raises(ValueError) as info:
+        model(**clip_inputs, return_loss=True, term_inputs={"row_weight": weights})
+    message = str(info.value)
+    assert f"gap term(s) ['{_WeightedInput.name}'] need input 'table'" in message and "has ['row_weight']" in message
+    model(**clip_inputs)  # no loss asked for: no term input needed
+
+
+def test_terms_sharing_an_input_must_declare_it_alike(weighted_input_term, make_clip_model):
+    class _Other(GapTerm):
+        name = "_test_other_table"
+        inputs = (TermInput("table"),)  # gathered, unlike _WeightedInput's
+
+        def forward(self, batch):
+            return batch.image_embeds.sum() * 0.0
+
+    register_term(_Other)
+    try:
+        model = make_clip_model(gap_terms=[_WeightedInput.name, _Other.name])
+        with pytest.raises(ValueError, match="terms that share an input must declare it the same way"):
+            model.declared_term_inputs
+    finally:
+        TERM_REGISTRY.pop(_Other.name, None)
+
+
+def test_only_inputs_declared_per_row_are_gathered(weighted_input_term, make_clip_model, clip_inputs, monkeypatch):
+    """What a second process would add, simulated: gathering repeats every per-row tensor; ``gather=False`` stays."""
+    seen = {}
+
+    def fake_gather(tensor, *, gather_with_grad=True, pad_value=0.0):
+        return torch.cat([tensor, tensor])
+
+    def record(batch):
+        seen.update(batch.extras)
+        return batch.image_embeds.sum() * 0.0
+
+    monkeypatch.setattr("gapclip.modeling.gather_features", fake_gather)
+    monkeypatch.setattr(_WeightedInput, "forward", lambda self, batch: record(batch))
+    model = make_clip_model(gap_terms=[_WeightedInput.name])
+    model(**clip_inputs, return_loss=True, term_inputs={"row_weight": torch.ones(4), "table": torch.ones(3)})
+    assert seen["doubled_weight"].shape == (8,) and seen["table"].shape == (3,)

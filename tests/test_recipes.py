@@ -256,3 +256,39 @@ def test_from_scratch_on_karpathy_data_builds_a_word_level_tokenizer(lgmgc, tiny
     assert sorted(set(vocab) - {"[PAD]", "[UNK]", "[SOS]", "[EOS]"}) == caption_vocabulary(train_captions)
     assert result["trainer"].model.config.backbone_config.vision_config.image_size == 32
     assert (tmp_path / "out" / "tokenizer.json").is_file()  # the processor travels with the model
+
+
+# ---------------------------------------------------------------------------------------------------- term options
+def test_recipe_option_flags_take_defaults_and_choices_from_the_terms(monkeypatch, capsys):
+    """No recipe restates a term's defaults: the method dataclasses' defaults build exactly the terms' defaults."""
+    monkeypatch.syspath_prepend(str(RECIPES))
+    lgmgc = load_recipe("train_clip_lgmgc").LGMGCArguments()
+    dias = load_recipe("train_clip_dias").DIASArguments()
+    cusa = load_recipe("train_clip_cusa").CUSAArguments()
+    for terms in (lgmgc.gap_terms(), dias.gap_terms(), cusa.gap_terms()):
+        for spec in terms:
+            defaults = TERM_REGISTRY[spec["name"]].default_options
+            assert {key: defaults[key] for key in spec.get("options", {})} == spec.get("options", {}), spec
+    assert (lgmgc.lsc_k, lgmgc.gst_distance) == (4, "infonce")  # LSC's and GST's own defaults
+    from gapclip.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(type(lgmgc), ["--lsc_fusion", "sum"])
+    error = capsys.readouterr().err.replace("'", "")
+    assert "--lsc_fusion" in error and "invalid choice: sum (choose from concat, max, mean)" in error
+    with pytest.raises(SystemExit):
+        parse_args(type(dias), ["--selection", "literal"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse_args(type(lgmgc), ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--lsc_fusion {concat,max,mean}" in help_text
+    expected = "local tokens selected per image and per caption (>= 1) (gap term 'lsc', option 'k'). (default: 4)"
+    assert expected in help_text.lower()
+
+
+def test_term_option_field_names_an_unknown_option():
+    from gapclip.cli import term_option_field
+
+    with pytest.raises(ValueError, match="gap term 'lsc' has no option 'K'"):
+        term_option_field("lsc", "K")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .configuration import GapClipConfig
-from .losses import TERM_REGISTRY, GapBatch, GapTerm, describe_terms, register_term
+from .losses import TERM_REGISTRY, GapBatch, GapTerm, TermInput, describe_terms, register_term
 from .modeling import GapClipModel, GapClipOutput, GapClipPreTrainedModel
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "GapClipOutput",
     "GapClipPreTrainedModel",
     "GapTerm",
+    "TermInput",
     "describe_terms",
     "register_term",
 ]

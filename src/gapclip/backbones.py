@@ -126,3 +126,27 @@ def default_word_mask(
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         mask &= (positions != 0) & (positions != (lengths - 1)[:, None])
     return mask
+
+
+#: Backbone parameters that stay trainable under LoRA (the temperature and SigLIP's bias).
+LORA_ALWAYS_TRAINABLE = ("logit_scale", "logit_bias")
+
+
+def mark_backbone_lora_trainable(backbone: nn.Module) -> None:
+    """In a LoRA-wrapped backbone, only the LoRA weights and the logit scale/bias train."""
+    for name, parameter in backbone.named_parameters():
+        parameter.requires_grad_(".lora_" in name or name.rsplit(".", 1)[-1] in LORA_ALWAYS_TRAINABLE)
+
+
+def lora_backbone(backbone: nn.Module, settings: dict[str, Any]) -> nn.Module:
+    """``backbone`` wrapped in peft LoRA adapters as ``settings`` (``r``, ``alpha``, ``dropout``, ``target_modules``,
+    the ``GapClipConfig.lora`` record) describe, with only the adapters and the logit scale/bias trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+        target_modules=settings["target_modules"], bias="none",
+    )
+    wrapped = get_peft_model(backbone, config)
+    mark_backbone_lora_trainable(wrapped)
+    return wrapped

@@ -1,16 +1,26 @@
 """What the training recipes share: argument dataclasses, data/model set-up and the train → evaluate run.
 
-Each recipe (``recipes/train_clip_lgmgc.py`` ...) only adds a dataclass of its method's options and turns it into
-the ``gap_terms`` list; everything else is here, so the three recipes behave the same way.
+Each recipe (``recipes/train_clip_lgmgc.py`` ...) only adds a dataclass of its method's options (fields made with
+:func:`term_option_field`, so defaults and choices come from the terms themselves) and turns it into the
+``gap_terms`` list; everything else is here, so the three recipes behave the same way.
+
+Gap terms of your own train through every recipe: ``--term_module my_terms.py`` imports the file (or module) that
+registers them (``@register_term``), ``--gap_terms '[{"name": "my_term", ...}]'`` adds them to the objective, and
+``--extra_columns columns.jsonl`` attaches the per-image dataset columns they read (see ``examples/custom_term.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import transformers
@@ -19,10 +29,17 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .configuration import GapClipConfig, check_dual_encoder_config
-from .data import CaptionPairs, GapClipCollator, IterableCaptionPairs, load_caption_dataset, make_demo_processor
+from .data import (
+    CaptionPairs,
+    GapClipCollator,
+    IterableCaptionPairs,
+    attach_columns,
+    load_caption_dataset,
+    make_demo_processor,
+)
 from .data.demo import cache_root, make_demo_dataset
-from .evaluation import format_retrieval_table
-from .losses import validate_term_specs
+from .evaluation import ECCVEvaluator, Evaluator, STSEvaluator, UniModalEvaluator, format_retrieval_table
+from .losses import TERM_REGISTRY, validate_term_specs
 from .lora import load_gapclip_model
 from .modeling import GapClipModel
 from .trainer import GapClipTrainer
@@ -65,6 +82,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "Extra terms as JSON, e.g. '[{\"name\": \"lsc\", \"weight\": 1.0}]' (added to the recipe's)."},
     )
+    term_module: str | None = field(
+        default=None,
+        metadata={
+            "help": "Python file (my_terms.py) or importable module that registers gap terms of your own with "
+            "@register_term, imported before --gap_terms is read (comma-separated for several)."
+        },
+    )
 
     def __post_init__(self):
         if self.base_loss not in ("auto", "infonce", "sigmoid", "triplet"):
@@ -93,6 +117,13 @@ class DataArguments:
     eval_split: str = field(default="validation", metadata={"help": "Split evaluated during training."})
     test_split: str = field(default="test", metadata={"help": "Split of the before/after retrieval table."})
     translations: str | None = field(default=None, metadata={"help": "JSONL of {image_id, translation} (LG-MGC GST)."})
+    extra_columns: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL of per-image columns, {\"image_id\": ..., \"<column>\": value, ...} per line, attached to "
+            "every split (e.g. the input of a gap term of your own, or a --label_column)."
+        },
+    )
     pair_mode: str = field(default="one_per_image", metadata={"help": "one_per_image (per epoch) | all_pairs"})
     max_length: int | None = field(default=None, metadata={"help": "Token limit (default: the tokenizer's)."})
     streaming: bool = field(default=False, metadata={"help": "Stream the training split (data too big for disk)."})
@@ -106,6 +137,10 @@ class DataArguments:
     demo_image_size: int = field(default=64, metadata={"help": "Demo data: image size in pixels."})
     coco_1k: bool = field(default=False, metadata={"help": "Also report the COCO 1K protocol (5 folds)."})
     skip_initial_eval: bool = field(default=False, metadata={"help": "Skip the 'before training' evaluation."})
+    eccv: bool = field(default=False, metadata={"help": "Also ECCV-Caption mAP@R and R-Precision."})
+    eccv_positives: str | None = field(default=None, metadata={"help": "JSON/JSONL of extra positive pairs."})
+    label_column: str | None = field(default=None, metadata={"help": "Class-label column: image→image R@1."})
+    sts_file: str | None = field(default=None, metadata={"help": "STS pairs (sentence1, sentence2, score)."})
 
     def __post_init__(self):
         if self.dataset not in DATASET_SOURCES:
@@ -203,7 +238,13 @@ def parse_args(method_dataclass: type, argv: list[str] | None = None) -> tuple[A
 
 
 def load_datasets(data_args: DataArguments, *, streaming: bool = False):
-    """The caption DatasetDict for ``data_args`` (demo data generated offline and cached on first use)."""
+    """The caption DatasetDict for ``data_args`` (demo data generated offline and cached on first use), with the
+    ``--extra_columns`` attached."""
+    datasets = _load_caption_splits(data_args, streaming=streaming)
+    return attach_columns(datasets, data_args.extra_columns) if data_args.extra_columns else datasets
+
+
+def _load_caption_splits(data_args: DataArguments, *, streaming: bool):
     common: dict[str, Any] = {"streaming": streaming}
     if data_args.translations:
         common["translations"] = data_args.translations
@@ -224,6 +265,76 @@ def load_datasets(data_args: DataArguments, *, streaming: bool = False):
         data_args.dataset, data_args.data_file, data_args.image_root, image_column=data_args.image_column,
         caption_column=data_args.caption_column, id_column=data_args.id_column, **common,
     )
+
+
+def build_evaluators(data_args: DataArguments) -> list[Evaluator]:
+    """The extra evaluators ``data_args`` asks for (``--eccv``/``--eccv_positives``, ``--label_column``,
+    ``--sts_file``), run by the trainer's evaluations and by the evaluation recipe."""
+    evaluators: list[Evaluator] = []
+    if data_args.eccv or data_args.eccv_positives:
+        evaluators.append(ECCVEvaluator(data_args.eccv_positives))
+    if data_args.label_column:
+        evaluators.append(UniModalEvaluator(data_args.label_column))
+    if data_args.sts_file:
+        evaluators.append(STSEvaluator(data_args.sts_file))
+    return evaluators
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gap terms of your own, and recipe flags made from the terms' options
+# ---------------------------------------------------------------------------------------------------------------------
+def import_term_modules(spec: str | None) -> list[ModuleType]:
+    """Import each Python file or module of the comma-separated ``spec`` (``--term_module``), so that the gap terms
+    it registers (``@register_term``) can be named in ``gap_terms``. Importing one twice is a no-op; the running
+    script itself is not imported again."""
+    return [_import_term_module(entry.strip()) for entry in (spec or "").split(",") if entry.strip()]
+
+
+def _import_term_module(entry: str) -> ModuleType:
+    if not entry.endswith(".py") and os.sep not in entry:
+        try:
+            return importlib.import_module(entry)
+        except ModuleNotFoundError as error:
+            if error.name != entry.split(".")[0]:
+                raise
+            raise ValueError(
+                f"--term_module {entry!r}: no module of that name can be imported; give a path to a .py file or an "
+                "importable module (on PYTHONPATH)."
+            ) from None
+    path = Path(entry).resolve()
+    if not path.is_file():
+        raise ValueError(f"--term_module {entry!r}: no such file ({path}).")
+    main = sys.modules.get("__main__")
+    if getattr(main, "__file__", None) and Path(main.__file__).resolve() == path:
+        return main  # the recipe is that file: its terms are registered already
+    name = f"_gapclip_term_module_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and typing resolve the module's annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    logger.info(f"Imported {path} (--term_module); registered gap terms: {sorted(TERM_REGISTRY)}.")
+    return module
+
+
+def term_option_field(term: str, option: str, *, help: str | None = None) -> Any:
+    """A recipe-argument ``dataclasses.field`` for option ``option`` of the registered gap term ``term``: default,
+    ``Literal`` choices and help text all come from the term's ``__init__`` (and its docstring), so a recipe never
+    restates them. Declare the field with the option's type, e.g. ``lsc_k: int = term_option_field("lsc", "k")``."""
+    try:
+        spec = TERM_REGISTRY[term].option_specs()[option]
+    except KeyError:
+        raise ValueError(f"term_option_field: gap term {term!r} has no option {option!r}.") from None
+    text = re.sub(r"``(.*?)``", r"\1", help or spec.help or f"option {option!r} of the {term!r} term").rstrip(".")
+    metadata: dict[str, Any] = {"help": f"{text[0].upper()}{text[1:]} (gap term {term!r}, option {option!r})."}
+    if spec.choices:
+        metadata["choices"] = list(spec.choices)
+    return field(default=spec.default, metadata=metadata)
 
 
 def demo_root(data_args: DataArguments) -> Path:
@@ -316,9 +427,7 @@ def build_model_and_processor(
         # Continue from a gapclip checkpoint, with this run's objective.
         model = load_gapclip_model(path)
         if validate_term_specs(gap_terms) != model.config.gap_terms or model_args.base_loss != model.config.base_loss:
-            new_config = GapClipConfig(model.config.backbone_config, **config_kwargs)
-            if getattr(model.config, "lora", None):
-                new_config.lora = model.config.lora
+            new_config = GapClipConfig(model.config.backbone_config, lora=model.config.lora, **config_kwargs)
             model = GapClipModel(new_config, backbone=model.backbone)
         return model, processor
     return GapClipModel.from_backbone(path, **config_kwargs), processor
@@ -345,6 +454,8 @@ def run_training(
     lora_args: LoraArguments | None = None,
     teacher_store: Any = None,
     batch_sampler_factory: Any = None,
+    input_providers: list | None = None,
+    evaluators: list[Evaluator] | None = None,
 ) -> dict[str, Any]:
     """Train with the recipe's objective and print the before/after retrieval table; returns all metrics.
 
@@ -352,6 +463,11 @@ def run_training(
     the end the backbone is exported in its native format to ``output_dir/export`` (see
     :func:`gapclip.hub.export_backbone`) and, with ``--push_to_hub``, that export (not the training wrapper) is
     pushed to ``--hub_model_id``.
+
+    ``input_providers`` give the collator per-row term inputs that are not dataset columns
+    (:class:`~gapclip.data.GapClipCollator`); ``teacher_store`` (CUSA's teacher embeddings) is one, added to them.
+    ``evaluators`` run in every evaluation besides retrieval and the ones the data flags ask for
+    (:func:`build_evaluators`).
     """
     # 1. logging and seed
     log_level = training_args.get_process_log_level()
@@ -387,12 +503,17 @@ def run_training(
     else:
         pairs = CaptionPairs(train, **pair_options)
 
-    # 4. model and collator
+    # 4. model and collator (the terms declare the per-row inputs the collator passes on)
+    import_term_modules(model_args.term_module)
     model, processor = build_model_and_processor(
         model_args, data_args, merge_gap_terms(gap_terms, model_args.gap_terms), train=train
     )
     padding = "max_length" if model.config.backbone_config.model_type in ("siglip", "siglip2") else "longest"
-    collator = GapClipCollator(processor, max_length=data_args.max_length, padding=padding, teacher_store=teacher_store)
+    providers = [*(input_providers or []), *([teacher_store] if teacher_store is not None else [])]
+    collator = GapClipCollator(
+        processor, max_length=data_args.max_length, padding=padding, term_inputs=model.declared_term_inputs,
+        input_providers=providers,
+    )
     logger.info(f"Objective: base={model.config.resolved_base_loss}, terms={model.config.gap_terms}")
     model = _maybe_apply_lora(model, lora_args)
 
@@ -406,7 +527,8 @@ def run_training(
     trainer = GapClipTrainer(
         model=model, args=training_args, train_dataset=pairs, eval_dataset=evaluation, data_collator=collator,
         processing_class=processor, processor=processor, coco_1k=data_args.coco_1k, callbacks=callbacks,
-        train_batch_sampler=batch_sampler, max_nonfinite_steps=training_args.max_nonfinite_steps,
+        evaluators=[*build_evaluators(data_args), *(evaluators or [])], train_batch_sampler=batch_sampler,
+        max_nonfinite_steps=training_args.max_nonfinite_steps,
     )
     if training_args.per_device_train_batch_size * training_args.world_size < 2:
         raise ValueError(

@@ -39,6 +39,12 @@ class GapClipConfig(PretrainedConfig):
             batch and multi-process training equals single-process training on the concatenated batch.
         logit_scale_max (`float`, *optional*, defaults to 100.0):
             Upper clamp of `scale = exp(logit_scale) = 1/temperature`, as in CLIP.
+        lora (`dict`, *optional*):
+            LoRA settings of the backbone's adapters (`r`, `alpha`, `dropout`, `target_modules`), set by
+            `gapclip.lora.apply_lora`; a model built from a config with `lora` wraps its backbone in those adapters,
+            so a LoRA checkpoint loads into them. `None`: no adapters.
+        merged_lora (`dict`, *optional*):
+            The settings of adapters merged into the weights by `gapclip.lora.merge_lora` (provenance only).
 
     Example::
 
@@ -59,6 +65,8 @@ class GapClipConfig(PretrainedConfig):
         triplet_reduction: str = "mean",
         gather_with_grad: bool = True,
         logit_scale_max: float = 100.0,
+        lora: dict[str, Any] | None = None,
+        merged_lora: dict[str, Any] | None = None,
         **kwargs,
     ):
         if backbone_config is None:
@@ -77,6 +85,9 @@ class GapClipConfig(PretrainedConfig):
             raise ValueError(f"triplet_reduction must be 'mean' or 'sum', got {triplet_reduction!r}.")
         if not (math.isfinite(logit_scale_max) and logit_scale_max > 0):
             raise ValueError(f"logit_scale_max must be finite and > 0, got {logit_scale_max}.")
+        for name, value in (("lora", lora), ("merged_lora", merged_lora)):
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{name} must be a dict of LoRA settings or None, got {type(value).__name__}.")
         # PretrainedConfig.__init__ sets `_attn_implementation` (None unless given) recursively on the sub-configs: run it
         # before attaching the backbone config, which may be shared with a live backbone (`from_backbone`) whose
         # attention implementation must survive (with None, BERT towers ignore their padding mask).
@@ -92,6 +103,8 @@ class GapClipConfig(PretrainedConfig):
         self.triplet_reduction = triplet_reduction
         self.gather_with_grad = gather_with_grad
         self.logit_scale_max = logit_scale_max
+        self.lora = dict(lora) if lora else None
+        self.merged_lora = dict(merged_lora) if merged_lora else None
 
     def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
         """The backbone's text config: its special tokens are the ones the tokenizer must match (the `Trainer` aligns

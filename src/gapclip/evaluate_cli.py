@@ -16,19 +16,10 @@ import torch
 from transformers import AutoConfig, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
-from .cli import DataArguments, load_datasets
+from .cli import DataArguments, build_evaluators, import_term_modules, load_datasets
 from .configuration import GapClipConfig
-from .data import TextCollator
-from .evaluation import (
-    build_positive_sets,
-    eccv_metrics,
-    format_retrieval_table,
-    load_extra_positives,
-    load_sts_pairs,
-    sts_spearman,
-    unimodal_recall_at_k,
-)
-from .inference import embed_caption_dataset, retrieval_report
+from .evaluation import EvaluationContext, RetrievalEvaluator, format_retrieval_table, run_evaluators
+from .inference import embed_caption_dataset
 from .modeling import GapClipModel
 
 logger = logging.get_logger(__name__)
@@ -46,10 +37,10 @@ class EvaluationArguments:
     modality_gap_pairs: int = field(default=1000, metadata={"help": "Pairs for the modality gap (1000, LG-MGC)."})
     output_json: str | None = field(default=None, metadata={"help": "Where to write the metrics (JSON)."})
     name: str | None = field(default=None, metadata={"help": "Row name in the table (default: the model path)."})
-    eccv: bool = field(default=False, metadata={"help": "Also ECCV-Caption mAP@R and R-Precision."})
-    eccv_positives: str | None = field(default=None, metadata={"help": "JSON/JSONL of extra positive pairs."})
-    label_column: str | None = field(default=None, metadata={"help": "Class-label column: image→image R@1."})
-    sts_file: str | None = field(default=None, metadata={"help": "STS pairs (sentence1, sentence2, score)."})
+    term_module: str | None = field(
+        default=None,
+        metadata={"help": "Python file or module registering the gap terms of your own the checkpoint uses."},
+    )
     plots: bool = field(default=False, metadata={"help": "Write similarity-map and modality-gap PNGs (matplotlib)."})
     plots_dir: str | None = field(default=None, metadata={"help": "Folder of the PNGs (default: next to the JSON)."})
     plot_substitutions: str | None = field(
@@ -73,6 +64,7 @@ def load_for_evaluation(path: str, processor_path: str | None = None) -> tuple[G
 
 
 def evaluate(eval_args: EvaluationArguments, data_args: DataArguments) -> dict[str, float]:
+    import_term_modules(eval_args.term_module)
     model, processor = load_for_evaluation(eval_args.model_name_or_path, eval_args.processor_name_or_path)
     datasets = load_datasets(data_args)
     if eval_args.split not in datasets:
@@ -84,26 +76,12 @@ def evaluate(eval_args: EvaluationArguments, data_args: DataArguments) -> dict[s
     embedded = embed_caption_dataset(
         model, dataset, processor, batch_size=eval_args.batch_size, padding=padding, max_length=data_args.max_length
     )
-    metrics = retrieval_report(
-        embedded, chunk_size=eval_args.chunk_size, gap_pairs=eval_args.modality_gap_pairs, coco_1k=data_args.coco_1k
+    context = EvaluationContext(
+        model=model, processor=processor, dataset=dataset, embedded=embedded, batch_size=eval_args.batch_size,
+        chunk_size=eval_args.chunk_size, max_length=data_args.max_length, padding=padding,
     )
-    if eval_args.eccv or eval_args.eccv_positives:
-        extra = load_extra_positives(eval_args.eccv_positives) if eval_args.eccv_positives else ()
-        i2t, t2i = build_positive_sets(
-            embedded.text_to_image, len(dataset), extra_pairs=extra, image_ids=list(dataset["image_id"])
-        )
-        metrics.update(eccv_metrics(embedded.image_embeds, embedded.text_embeds, i2t, t2i, chunk_size=eval_args.chunk_size))
-    if eval_args.label_column:
-        if eval_args.label_column not in dataset.column_names:
-            raise ValueError(
-                f"--label_column {eval_args.label_column!r} is not a column of the {eval_args.split} split; "
-                f"it has {dataset.column_names}."
-            )
-        labels = _label_ids(dataset[eval_args.label_column])
-        unimodal = unimodal_recall_at_k(embedded.image_embeds, labels, ks=(1,), chunk_size=eval_args.chunk_size)
-        metrics.update({f"image_{key}": value for key, value in unimodal.items()})
-    if eval_args.sts_file:
-        metrics["sts_spearman"] = _sts(model, processor, eval_args, data_args)
+    retrieval = RetrievalEvaluator(gap_pairs=eval_args.modality_gap_pairs, coco_1k=data_args.coco_1k)
+    metrics = run_evaluators([retrieval, *build_evaluators(data_args)], context)
     if eval_args.plots:
         metrics_dir = Path(eval_args.plots_dir or Path(eval_args.output_json or "plots.json").parent)
         substitutions = json.loads(eval_args.plot_substitutions) if eval_args.plot_substitutions else {}
@@ -115,26 +93,6 @@ def evaluate(eval_args: EvaluationArguments, data_args: DataArguments) -> dict[s
         Path(eval_args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(eval_args.output_json).write_text(json.dumps({row: metrics}, indent=2))
     return metrics
-
-
-def _label_ids(values: list[Any]) -> torch.Tensor:
-    lookup: dict[Any, int] = {}
-    return torch.tensor([lookup.setdefault(value, len(lookup)) for value in values], dtype=torch.long)
-
-
-def _sts(model: GapClipModel, processor: Any, eval_args: EvaluationArguments, data_args: DataArguments) -> float:
-    pairs = load_sts_pairs(eval_args.sts_file)
-    collate = TextCollator(processor, max_length=data_args.max_length)
-
-    def embed(texts: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), eval_args.batch_size):
-            batch = collate(texts[start : start + eval_args.batch_size])
-            with torch.no_grad():
-                out.append(model.get_text_features(batch["input_ids"], batch.get("attention_mask")))
-        return torch.cat(out)
-
-    return sts_spearman(embed(pairs.sentence1), embed(pairs.sentence2), pairs.scores)
 
 
 def _plots(model, processor, dataset, embedded, out_dir: Path, substitutions: dict[str, str]) -> None:

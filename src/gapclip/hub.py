@@ -9,7 +9,8 @@ gives the same embeddings as the :class:`~gapclip.GapClipModel` it came from. Th
     gapclip_training.json               the objective (base loss, gap terms with weights/options, LoRA) and the
                                         training hyper-parameters
     README.md                           a model card with `model-index` retrieval results (R@1/5/10 both ways,
-                                        RSUM, modality gap) per evaluation dataset, usage and citations
+                                        RSUM, modality gap) per evaluation dataset, usage and the citations of
+                                        the objectives it was trained with
 
 :func:`push_exported` uploads such a folder (and nothing else) to a model repository.
 """
@@ -94,7 +95,7 @@ def export_backbone(
     Returns:
         The output folder.
     """
-    from .lora import LORA_CONFIG_KEY, MERGED_LORA_CONFIG_KEY, is_lora_model, load_gapclip_model, merged_backbone
+    from .lora import is_lora_model, load_gapclip_model, merged_backbone
 
     checkpoint = None
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
@@ -112,7 +113,7 @@ def export_backbone(
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. weights: the backbone in its own format
-    lora = getattr(model.config, LORA_CONFIG_KEY, None) or getattr(model.config, MERGED_LORA_CONFIG_KEY, None)
+    lora = model.config.lora or model.config.merged_lora
     if is_lora_model(model) and not merge_lora:
         model.backbone.save_pretrained(str(output_dir))
         backbone = model.backbone.get_base_model()
@@ -135,7 +136,7 @@ def export_backbone(
     # 3. model card
     card = render_model_card(
         backbone, training, eval_results=eval_results, eval_split=eval_split, card_data=card_data, repo_id=repo_id,
-        folder_name=output_dir.name, template_path=template_path,
+        folder_name=output_dir.name, template_path=template_path, citations=objective_citations(model),
     )
     card.save(str(output_dir / "README.md"))
     logger.info(f"Exported the {backbone.config.model_type} backbone to {output_dir}.")
@@ -190,6 +191,22 @@ def training_config(
         "lora_merged": lora_merged,
         "training": _hyperparameters(training_args),
     }
+
+
+def objective_citations(model: GapClipModel) -> list[str]:
+    """The BibTeX of what ``model`` was trained with: its base loss and each of its gap terms (each one's own
+    ``citation``), in that order, without repeats (the LG-MGC terms share one entry, so do CUSA's)."""
+    sources = [model.base_loss, *model.gap_terms.values()]
+    return list(dict.fromkeys(text for text in (getattr(source, "citation", "") for source in sources) if text))
+
+
+def _registry_citations(training: Mapping[str, Any]) -> list[str]:
+    """:func:`objective_citations` from a training config alone (terms looked up in the registry)."""
+    from .losses import BASE_LOSSES, TERM_REGISTRY
+
+    classes = [BASE_LOSSES.get(training.get("base_loss"))]
+    classes += [TERM_REGISTRY.get(term["name"]) for term in training.get("gap_terms", [])]
+    return list(dict.fromkeys(text for text in (getattr(cls, "citation", "") for cls in classes) if text))
 
 
 def _hyperparameters(training_args: Any) -> dict[str, Any] | None:
@@ -268,12 +285,13 @@ def render_model_card(
     repo_id: str | None = None,
     folder_name: str = "model",
     template_path: str | os.PathLike | None = None,
+    citations: list[str] | None = None,
 ) -> ModelCard:
-    """The release card: metadata (``ModelCardData`` with ``model-index``) + the gapclip template."""
-    from .losses.cusa import CUSA_CITATION
-    from .losses.dias import DIAS_CITATION
-    from .losses.lgmgc import LGMGC_CITATION
+    """The release card: metadata (``ModelCardData`` with ``model-index``) + the gapclip template.
 
+    ``citations`` (BibTeX entries) default to those of the base loss and the gap terms ``training`` names, as the
+    registry knows them (:func:`objective_citations` gives them from the model itself).
+    """
     template_path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
     if not template_path.is_file():
         raise FileNotFoundError(f"Model card template not found: {str(template_path)!r}.")
@@ -292,7 +310,8 @@ def render_model_card(
         eval_results=results or None,
         **overrides,
     )
-    citations = [LGMGC_CITATION, DIAS_CITATION, CUSA_CITATION]
+    if citations is None:
+        citations = _registry_citations(training)
     return ModelCard.from_template(
         data,
         template_path=str(template_path),

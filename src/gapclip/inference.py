@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,16 +11,9 @@ from transformers.utils import logging
 
 from .data.collator import ImageCollator, TextCollator
 from .data.pairs import decode_image
-from .evaluation import coco_1k_metrics, modality_gap, retrieval_metrics
+from .evaluation.evaluators import EmbeddedCaptions, EvaluationContext, RetrievalEvaluator
 
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class EmbeddedCaptions:
-    image_embeds: torch.Tensor  # [N, D] normalised
-    text_embeds: torch.Tensor  # [M, D] normalised
-    text_to_image: torch.Tensor  # [M] image row of each caption
 
 
 class _Images(torch.utils.data.Dataset):
@@ -128,14 +120,7 @@ def embed_images(
 def retrieval_report(
     embedded: EmbeddedCaptions, *, chunk_size: int = 1024, gap_pairs: int = 1000, coco_1k: bool = False
 ) -> dict[str, float]:
-    """R@1/5/10 both ways, RSUM, ranks and the modality gap (optionally COCO 1K fold means, prefixed ``1k_``)."""
-    metrics = retrieval_metrics(
-        embedded.image_embeds, embedded.text_embeds, embedded.text_to_image, chunk_size=chunk_size
-    )
-    metrics["modality_gap"] = modality_gap(
-        embedded.image_embeds, embedded.text_embeds, text_to_image=embedded.text_to_image, num_pairs=gap_pairs
-    )
-    if coco_1k:
-        fold = coco_1k_metrics(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image, chunk_size=chunk_size)
-        metrics.update({f"1k_{key}": value for key, value in fold.items()})
-    return metrics
+    """R@1/5/10 both ways, RSUM, ranks and the modality gap (optionally COCO 1K fold means, prefixed ``1k_``): the
+    :class:`~gapclip.evaluation.RetrievalEvaluator` on embeddings alone."""
+    context = EvaluationContext(model=None, processor=None, dataset=None, embedded=embedded, chunk_size=chunk_size)
+    return RetrievalEvaluator(gap_pairs=gap_pairs, coco_1k=coco_1k)(context)

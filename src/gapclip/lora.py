@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 from transformers.utils import logging
 
-from .configuration import GapClipConfig
+from .backbones import lora_backbone, mark_backbone_lora_trainable
 from .modeling import GapClipModel
 
 logger = logging.get_logger(__name__)
@@ -54,10 +54,6 @@ DEFAULT_TARGET_MODULES = (
     r"\.(?:q_proj|k_proj|v_proj|out_proj|o_proj|query|key|value)"
     r"|.*\.\d+\.attention\.output\.dense"
 )
-
-#: Backbone parameters that stay trainable under LoRA (the temperature and SigLIP's bias).
-_ALWAYS_TRAINABLE = ("logit_scale", "logit_bias")
-
 
 def is_lora_model(model: GapClipModel) -> bool:
     """Whether ``model.backbone`` is wrapped in a peft model."""
@@ -92,8 +88,6 @@ def apply_lora(
     Raises:
         ValueError: ``r <= 0``, a negative dropout, or a backbone that already has LoRA adapters.
     """
-    from peft import LoraConfig, get_peft_model
-
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
     if not 0.0 <= dropout < 1.0:
@@ -105,10 +99,8 @@ def apply_lora(
     elif not isinstance(target_modules, str):
         target_modules = list(target_modules)
     settings = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
-    lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
-    model.backbone = get_peft_model(model.backbone, lora_config)
-    mark_lora_trainable(model)
-    setattr(model.config, LORA_CONFIG_KEY, settings)
+    model.backbone = lora_backbone(model.backbone, settings)
+    model.config.lora = settings
     trainable, total, pct = trainable_parameter_summary(model)
     logger.info(
         f"LoRA (r={r}, alpha={alpha}, dropout={dropout}) on {count_lora_layers(model)} layers: "
@@ -119,8 +111,7 @@ def apply_lora(
 
 def mark_lora_trainable(model: GapClipModel) -> None:
     """In the backbone, only the LoRA weights and the logit scale/bias train (parameters outside are untouched)."""
-    for name, parameter in model.backbone.named_parameters():
-        parameter.requires_grad_(".lora_" in name or name.rsplit(".", 1)[-1] in _ALWAYS_TRAINABLE)
+    mark_backbone_lora_trainable(model.backbone)
 
 
 def count_lora_layers(model: nn.Module) -> int:
@@ -151,10 +142,8 @@ def merge_lora(model: GapClipModel) -> GapClipModel:
     model.backbone = model.backbone.merge_and_unload()
     for parameter in model.backbone.parameters():
         parameter.requires_grad_(True)
-    settings = getattr(model.config, LORA_CONFIG_KEY, None)
-    if settings is not None:
-        delattr(model.config, LORA_CONFIG_KEY)
-        setattr(model.config, MERGED_LORA_CONFIG_KEY, settings)
+    if model.config.lora is not None:
+        model.config.merged_lora, model.config.lora = model.config.lora, None
     return model
 
 
@@ -174,7 +163,7 @@ def load_gapclip_model(pretrained_model_name_or_path: str | os.PathLike, **kwarg
     LoRA checkpoint, only the adapters, the logit scale and the terms' parameters are left trainable.
     """
     model = GapClipModel.from_pretrained(pretrained_model_name_or_path, **kwargs)
-    if getattr(model.config, LORA_CONFIG_KEY, None):
+    if model.config.lora:
         mark_lora_trainable(model)  # loading hands back fresh parameters that all require grad
     return model
 

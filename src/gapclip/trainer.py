@@ -5,28 +5,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .checkpoints import STAGING_DIR, CrashSafeCheckpointMixin  # noqa: F401  (STAGING_DIR: re-exported)
 from .data.pairs import CaptionPairs
-from .inference import embed_caption_dataset, retrieval_report
+from .evaluation.evaluators import EvaluationContext, Evaluator, RetrievalEvaluator, run_evaluators
+from .inference import embed_caption_dataset
+from .nonfinite import NonFiniteGuard, NonFiniteGuardMixin
 
 logger = logging.get_logger(__name__)
 
 #: The training batch sampler's state (e.g. K-means epoch and cluster assignment) inside a checkpoint.
 SAMPLER_STATE_NAME = "batch_sampler_state.json"
-
-#: Checkpoints are written into this sub-folder of the run folder and moved to ``checkpoint-N`` once complete, so
-#: a run killed while saving never leaves a half-written ``checkpoint-N`` for ``get_last_checkpoint`` to resume from.
-STAGING_DIR = ".checkpoint-staging"
 
 
 class EpochCallback(TrainerCallback):
@@ -41,7 +40,7 @@ class EpochCallback(TrainerCallback):
             target.set_epoch(int(math.floor(state.epoch or 0)))
 
 
-class GapClipTrainer(Trainer):
+class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
     """`Trainer` for :class:`~gapclip.GapClipModel`.
 
     The loss is the model's own (base + Σ weight·term, with ``return_loss=True`` coming from the collator);
@@ -50,11 +49,11 @@ class GapClipTrainer(Trainer):
     - each unweighted term logged by name next to ``loss`` (``loss_base``, ``loss_lsc`` ...), in training and in
       evaluation (``eval_loss_*``);
     - :meth:`evaluate` runs image↔text retrieval on a caption dataset (every image, all its captions) and returns
-      ``eval_i2t_r1 … eval_rsum, eval_modality_gap``, so ``metric_for_best_model="rsum"`` and
+      ``eval_i2t_r1 … eval_rsum, eval_modality_gap``, plus the metrics of the given ``evaluators`` (ECCV, uni-modal,
+      STS: :mod:`gapclip.evaluation.evaluators`), so ``metric_for_best_model="rsum"`` (or any of those) and
       ``load_best_model_at_end`` work;
-    - reliability: a non-finite loss/gradient skips its step (see ``max_nonfinite_steps``); a checkpoint is written
-      into a hidden staging folder and renamed to ``checkpoint-N`` only when complete, so a process killed while
-      saving never leaves a half-written ``checkpoint-N`` for ``get_last_checkpoint``/resume to pick; the batch
+    - reliability: a non-finite loss/gradient skips its step (:mod:`gapclip.nonfinite`, ``max_nonfinite_steps``);
+      a checkpoint appears as ``checkpoint-N`` only when complete (:mod:`gapclip.checkpoints`); the batch
       sampler's state (``state_dict``/``load_state_dict``) is saved with each checkpoint and restored on resume;
       resuming a checkpoint trained with other ``gap_terms``/``base_loss`` is a ``ValueError`` naming both.
 
@@ -63,6 +62,8 @@ class GapClipTrainer(Trainer):
         eval_chunk_size: query chunk of the similarity computation (bounds evaluation memory).
         modality_gap_pairs: pairs used for the modality gap (1000 as in the LG-MGC supplement).
         coco_1k: also report the COCO 1K protocol (mean over 5 folds), prefixed ``1k_``.
+        evaluators: further :class:`~gapclip.evaluation.Evaluator` s run on the evaluated split (e.g.
+            ``ECCVEvaluator``, ``UniModalEvaluator``, ``STSEvaluator``); their metrics join the retrieval ones.
         eval_loss_terms: also compute the loss terms on (image, first caption) pairs of the evaluation set.
         train_batch_sampler: a batch sampler that yields this process' share of each global batch (e.g. DIAS's
             :class:`~gapclip.data.kmeans_sampler.KMeansBatchSampler`); used as it is, not re-sharded.
@@ -78,24 +79,21 @@ class GapClipTrainer(Trainer):
         eval_chunk_size: int = 1024,
         modality_gap_pairs: int = 1000,
         coco_1k: bool = False,
+        evaluators: Sequence[Evaluator] = (),
         eval_loss_terms: bool = True,
         train_batch_sampler: Any = None,
         max_nonfinite_steps: int = 3,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}.")
-        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
         self._last_loss_terms: dict[str, torch.Tensor] = {}
-        self._consecutive_nonfinite = 0
-        self._guard_step: int | None = None  # global step of the micro-batches seen last
-        self._guard_step_bad = False  # that step already had a non-finite micro-batch: it is skipped whole
         self.train_batch_sampler = train_batch_sampler
         self.processor = processor if processor is not None else self.processing_class
         self.eval_chunk_size = eval_chunk_size
         self.modality_gap_pairs = modality_gap_pairs
         self.coco_1k = coco_1k
+        self.evaluators = list(evaluators)
         self.eval_loss_terms = eval_loss_terms
         # Our forward takes no `num_items_in_batch`: let the Trainer scale the loss for gradient accumulation.
         self.model_accepts_loss_kwargs = False
@@ -114,48 +112,10 @@ class GapClipTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
 
-    # ------------------------------------------------------------------ checkpoints
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_staging", False) else run_dir
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The stock checkpoint, written to ``run_dir/.checkpoint-staging/checkpoint-N`` and then renamed (one
-        ``os.replace``) to ``run_dir/checkpoint-N``: a kill during the save leaves no incomplete ``checkpoint-N``."""
-        run_dir = self._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging, final = os.path.join(run_dir, STAGING_DIR), os.path.join(run_dir, name)
-        if self.args.should_save and os.path.isdir(os.path.join(staging, name)):
-            shutil.rmtree(os.path.join(staging, name))  # left by a run killed while saving
-        self.accelerator.wait_for_everyone()
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = False
-        self.accelerator.wait_for_everyone()  # every process wrote its part (RNG state per rank)
-        if self.args.should_save:
-            best = self.state.best_global_step
-            if best:  # the stock code looked for the best checkpoint in the staging folder: point at the real one
-                best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best}")
-                if best == self.state.global_step or os.path.exists(best_dir):
-                    self.state.best_model_checkpoint = best_dir
-                    self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
-            if hasattr(self.train_batch_sampler, "state_dict"):  # e.g. K-means epoch and clusters, for resume
-                with open(os.path.join(staging, name, SAMPLER_STATE_NAME), "w", encoding="utf-8") as handle:
-                    json.dump(self.train_batch_sampler.state_dict(), handle)
-            if os.path.isdir(final):  # saving the same step again (e.g. rerun after a crash)
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            try:
-                os.rmdir(staging)
-            except OSError:
-                pass
-            rotate_checkpoints(
-                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
+    def save_checkpoint_extras(self, folder: str) -> None:
+        if hasattr(self.train_batch_sampler, "state_dict"):  # e.g. K-means epoch and clusters, for resume
+            with open(os.path.join(folder, SAMPLER_STATE_NAME), "w", encoding="utf-8") as handle:
+                json.dump(self.train_batch_sampler.state_dict(), handle)
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -167,63 +127,11 @@ class GapClipTrainer(Trainer):
             self._last_loss_terms = {name: value.detach() for name, value in (outputs.loss_terms or {}).items()}
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """The stock step plus a non-finite guard: a NaN/inf loss or gradient skips the whole optimizer step.
-
-        The gradients are zeroed (``set_to_none``: AdamW then leaves every parameter, and its moments, untouched);
-        with gradient accumulation the remaining micro-batches of that step are dropped too, so the step is a
-        no-op. Raises ``RuntimeError`` after ``max_nonfinite_steps`` consecutive skipped steps.
-        """
-        step = self.state.global_step
-        if step != self._guard_step:  # first micro-batch of a new optimizer step
-            if self._guard_step is not None and not self._guard_step_bad:
-                self._consecutive_nonfinite = 0
-            self._guard_step, self._guard_step_bad = step, False
-        self._last_loss_terms = {}
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        terms = self._last_loss_terms
-        checks = [torch.isfinite(loss).all(), *(torch.isfinite(value).all() for value in terms.values())]
-        if getattr(self.accelerator, "scaler", None) is None:
-            # Under fp16 loss scaling, overflowing gradients are routine: the GradScaler skips those steps itself.
-            checks.append(self._grads_finite(model))
-        flags = torch.stack([check.to(loss.device) for check in checks]).tolist()  # the step's one host sync
-        bad_terms = [name for name, ok in zip(terms, flags[1 : 1 + len(terms)]) if not ok]
-        finite = all(flags)
-        if finite and not self._guard_step_bad:
-            if terms:
-                for name, value in terms.items():  # summed on the device, read when logged
-                    self._term_sums[name] = self._term_sums.get(name, 0.0) + value.float()
-                self._term_count += 1
-            return loss
-        model.zero_grad(set_to_none=True)
-        if not finite and not self._guard_step_bad:
-            self._guard_step_bad = True
-            self._consecutive_nonfinite += 1
-            what = f"loss term(s) {bad_terms}" if bad_terms else "the loss or its gradients (all terms finite)"
-            message = (
-                f"Non-finite {what} at step {step + 1}: step skipped (gradients zeroed) "
-                f"[{self._consecutive_nonfinite}/{self.max_nonfinite_steps} consecutive]."
-            )
-            if self._consecutive_nonfinite >= self.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{self.max_nonfinite_steps} consecutive optimizer steps had a non-finite {what}; stopping. "
-                    "Lower the learning rate or that term's weight, check its inputs, or resume from the last "
-                    "checkpoint."
-                )
-            logger.warning(message)
-        return torch.zeros_like(loss)
-
-    @staticmethod
-    def _grads_finite(model) -> torch.Tensor:
-        """A 0-d bool tensor: every gradient is finite (no host sync; fused per-tensor norms, as gradient clipping).
-
-        A NaN/inf element makes the total norm NaN/inf; so would finite gradients whose norm overflows the dtype
-        (beyond ~3e38 in fp32), which is a step worth skipping too.
-        """
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return torch.ones((), dtype=torch.bool)
-        return torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()
+    def on_finite_loss_terms(self, loss_terms: Mapping[str, torch.Tensor]) -> None:
+        if loss_terms:
+            for name, value in loss_terms.items():  # summed on the device, read when logged
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value.float()
+            self._term_count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_count:
@@ -296,9 +204,19 @@ class GapClipTrainer(Trainer):
             max_length=getattr(self.data_collator, "max_length", None),
             show_progress=not self.args.disable_tqdm,
         )
-        metrics = retrieval_report(
-            embedded, chunk_size=self.eval_chunk_size, gap_pairs=self.modality_gap_pairs, coco_1k=self.coco_1k
+        context = EvaluationContext(
+            model=model, processor=self.processor, dataset=dataset, embedded=embedded,
+            batch_size=self.args.per_device_eval_batch_size, chunk_size=self.eval_chunk_size,
+            max_length=getattr(self.data_collator, "max_length", None),
+            padding=getattr(self.data_collator, "padding", "longest"),
         )
+        retrieval = RetrievalEvaluator(gap_pairs=self.modality_gap_pairs, coco_1k=self.coco_1k)
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = run_evaluators([retrieval, *self.evaluators], context)
+        finally:
+            model.train(was_training)
         if self.eval_loss_terms:
             metrics.update(self._eval_loss_terms(dataset))
         metrics["runtime"] = round(time.time() - start, 4)

@@ -10,6 +10,7 @@ from PIL import Image as PILImage
 
 from gapclip.data import (
     CAPTION_FEATURES,
+    attach_columns,
     attach_translations,
     load_caption_dataset,
     load_captions_file,
@@ -163,6 +164,46 @@ def test_translations_bad_file(coco_tree, tmp_path):
     bad.write_text('{"image_id": "1"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl, line 1.*'translation'"):
         load_karpathy(json_path, root, translations=bad)
+
+
+def test_extra_columns_attached_with_types_and_missing_ids_none(coco_tree, tmp_path, caplog):
+    json_path, root = coco_tree
+    columns = tmp_path / "columns.jsonl"
+    rows = [
+        {"image_id": "1001", "label": 2, "weights": [0.5, 0.25]},
+        {"image_id": "1000", "label": 7, "weights": [1.0, 0.0], "note": "first"},
+    ]
+    columns.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    dsd = attach_columns(load_karpathy(json_path, root), columns)
+    train = dsd["train"]
+    assert train.features["label"] == Value("int64") and train.features["note"] == Value("string")
+    assert train["label"] == [7, 2, None] and train["weights"] == [[1.0, 0.0], [0.5, 0.25], None]
+    assert train["note"] == ["first", None, None]
+    assert dsd["test"]["label"] == [None]  # every split gets the columns
+    stream = attach_columns(load_karpathy(json_path, root, streaming=True), columns)
+    assert [r["label"] for r in stream["train"]] == [7, 2, None]
+    again = attach_columns(dsd, columns)  # attaching twice replaces the columns
+    assert again["train"]["label"] == [7, 2, None]
+
+
+@pytest.mark.parametrize(
+    "lines,match",
+    [
+        (['{"label": 1}'], r"line 1: expected an object with an 'image_id' key"),
+        (['{"image_id": "1", "caption": "x"}'], r"line 1: column\(s\) \['caption'\] clash with gapclip's own"),
+        (['{"image_id": "1", "a": 1}', '{"image_id": "1", "a": 2}'], r"line 2: image_id '1' appears twice"),
+        (['{"image_id": "1"}'], "no column besides 'image_id'"),
+        (["[1, 2]"], r"line 1: expected a JSON object, got list"),
+    ],
+)
+def test_extra_columns_bad_file(coco_tree, tmp_path, lines, match):
+    json_path, root = coco_tree
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        attach_columns(load_karpathy(json_path, root), bad)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        attach_columns(load_karpathy(json_path, root), tmp_path / "nope.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

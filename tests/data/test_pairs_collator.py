@@ -18,6 +18,11 @@ from gapclip.data import (
     load_demo,
 )
 from gapclip.data.pairs import choose_caption_index
+from gapclip.losses import TermInput
+from gapclip.losses.lgmgc import GSTLoss
+
+#: What a model with GST declares: the 'translation' column, tokenised.
+TRANSLATION_INPUTS = GSTLoss.inputs
 
 
 @pytest.fixture(scope="module")
@@ -173,23 +178,27 @@ def test_collator_shapes_and_translations(demo, demo_processor):
     pairs = CaptionPairs(demo["train"])
     items = [pairs[i] for i in range(4)]
     items[1] = {**items[1], "translation": None}
-    batch = GapClipCollator(demo_processor)(items)
+    batch = GapClipCollator(demo_processor, term_inputs=TRANSLATION_INPUTS)(items)
     assert batch["return_loss"] is True
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 4
     assert batch["image_index"].dtype == torch.long and batch["image_index"].tolist() == [0, 1, 2, 3]
-    assert batch["translation_input_ids"].shape[0] == 4
-    assert batch["translation_attention_mask"].shape == batch["translation_input_ids"].shape
-    assert batch["has_translation"].tolist() == [True, False, True, True]
+    translation = batch["term_inputs"]["translation"]
+    assert translation["input_ids"].shape[0] == 4
+    assert translation["attention_mask"].shape == translation["input_ids"].shape
+    assert translation["present"].tolist() == [True, False, True, True]
+    assert "word_mask" not in translation  # only the captions' word mask matters (local features)
+    # a collator built without declared inputs passes none on
+    assert "term_inputs" not in GapClipCollator(demo_processor)(items)
     decoded = demo_processor.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
     assert decoded == items[0]["caption"].replace(",", " ,").replace(":", " :").replace("  ", " ")
 
 
 def test_collator_without_translations_and_batch_of_one(tmp_path, make_image, demo_processor):
     pairs = CaptionPairs(_tiny_split(tmp_path, make_image, n=2))
-    batch = GapClipCollator(demo_processor)([pairs[0]])
+    batch = GapClipCollator(demo_processor, term_inputs=TRANSLATION_INPUTS)([pairs[0]])
     assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape == (1, 3, 32, 32)
-    assert not any(k.startswith("translation") for k in batch) and "has_translation" not in batch
+    assert "term_inputs" not in batch  # no item has a translation: left out (the model names who needs it)
 
 
 def test_collator_truncates_and_warns_once(demo, demo_processor, caplog):
@@ -207,9 +216,9 @@ def test_collator_truncates_and_warns_once(demo, demo_processor, caplog):
 
 def test_collator_max_length_padding(demo, demo_processor):
     pairs = CaptionPairs(demo["train"])
-    batch = GapClipCollator(demo_processor, padding="max_length")([pairs[0], pairs[1]])
+    batch = GapClipCollator(demo_processor, padding="max_length", term_inputs=TRANSLATION_INPUTS)([pairs[0], pairs[1]])
     assert batch["input_ids"].shape == (2, 32)  # model_max_length of the demo tokenizer
-    assert batch["translation_input_ids"].shape == (2, 32)
+    assert batch["term_inputs"]["translation"]["input_ids"].shape == (2, 32)
 
 
 def test_collator_bad_inputs(demo_processor):
@@ -238,6 +247,89 @@ def test_image_and_text_collators(demo_processor):
 
 def test_dataloader_end_to_end(demo, demo_processor):
     pairs = CaptionPairs(demo["train"], mode="all_pairs")
-    loader = torch.utils.data.DataLoader(pairs, batch_size=8, shuffle=True, collate_fn=GapClipCollator(demo_processor))
+    collate = GapClipCollator(demo_processor, term_inputs=TRANSLATION_INPUTS)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=8, shuffle=True, collate_fn=collate)
     batch = next(iter(loader))
-    assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["has_translation"].all()
+    assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["term_inputs"]["translation"]["present"].all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Term inputs: further columns pass through the pairs, the collator collates what the terms declare
+# ---------------------------------------------------------------------------------------------------------------------
+def _with_columns(tmp_path, make_image, **columns):
+    split = _tiny_split(tmp_path, make_image, n=4, captions_per_image=2)
+    for name, values in columns.items():
+        split = split.add_column(name, values)
+    return split
+
+
+def test_further_columns_reach_the_items(tmp_path, make_image):
+    split = _with_columns(tmp_path, make_image, label=[3, 1, 4, 1], score=[[0.5, 0.25]] * 4)
+    items = [CaptionPairs(split, mode="all_pairs")[i] for i in range(8)]
+    assert [item["label"] for item in items] == [3, 3, 1, 1, 4, 4, 1, 1]
+    assert items[0]["score"] == [0.5, 0.25] and "translation" not in items[0]
+    streamed = list(IterableCaptionPairs(split.to_iterable_dataset(), mode="all_pairs"))
+    assert [item["label"] for item in streamed] == [item["label"] for item in items]
+    clash = _with_columns(tmp_path / "clash", make_image, caption_index=[0, 0, 0, 0])
+    with pytest.raises(ValueError, match="column 'caption_index' clashes with the item key"):
+        CaptionPairs(clash)[0]
+
+
+def test_collator_stacks_declared_tensor_inputs(tmp_path, make_image, demo_processor):
+    split = _with_columns(
+        tmp_path, make_image, label=[3, 1, 4, 1], weights=[[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6]],
+        quality=[[1.0, 0.5], [0.0, 0.25], [0.75, 1.0], [0.5, 0.5]],
+    )
+    pairs = CaptionPairs(split, mode="all_pairs")
+    items = [pairs[i] for i in (0, 1, 2, 5)]
+    declared = (
+        TermInput("label", dtype=torch.long),
+        TermInput("weights"),
+        TermInput("quality", per_caption=True),  # one value per caption: each row takes its own caption's
+        TermInput("absent"),  # no item has it: left out
+    )
+    inputs = GapClipCollator(demo_processor, term_inputs=declared)(items)["term_inputs"]
+    assert set(inputs) == {"label", "weights", "quality"}
+    assert inputs["label"].dtype == torch.long and inputs["label"].tolist() == [3, 3, 1, 4]
+    assert inputs["weights"].dtype == torch.float32 and inputs["weights"].shape == (4, 2)
+    # rows: (image 0, caption 0), (image 0, caption 1), (image 1, caption 0), (image 2, caption 1)
+    assert inputs["quality"].tolist() == [1.0, 0.5, 0.0, 1.0]
+
+
+def test_collator_term_input_errors_name_the_input_and_rows(tmp_path, make_image, demo_processor):
+    split = _with_columns(tmp_path, make_image, label=[3, None, 4, 1])
+    pairs = CaptionPairs(split)
+    items = [pairs[i] for i in range(4)]
+    with pytest.raises(ValueError, match=r"input 'label' .* has no value in batch rows \[1\] \(image ids \['id1'\]\)"):
+        GapClipCollator(demo_processor, term_inputs=(TermInput("label", dtype=torch.long),))(items)
+    ragged = [{**item, "vector": [1.0] * (1 + row)} for row, item in enumerate(items)]
+    with pytest.raises(ValueError, match="input 'vector' could not be stacked"):
+        GapClipCollator(demo_processor, term_inputs=(TermInput("vector"),))(ragged)
+    with pytest.raises(TypeError, match=r"text input 'note' of batch rows \[2\] is not a string"):
+        GapClipCollator(demo_processor, term_inputs=(TermInput("note", collate="text"),))(
+            [{**item, "note": 3 if row == 2 else "x"} for row, item in enumerate(items)]
+        )
+    per_caption = [{**item, "quality": [0.5]} for item in items]  # one value but caption_index may be 1
+    per_caption[0]["caption_index"] = 1
+    with pytest.raises(ValueError, match=r"'quality' holds one value per caption, but batch row 0 .*caption_index=1"):
+        GapClipCollator(demo_processor, term_inputs=(TermInput("quality", per_caption=True),))(per_caption)
+
+
+def test_collator_input_providers_and_callable_collate(tmp_path, make_image, demo_processor):
+    pairs = CaptionPairs(_tiny_split(tmp_path, make_image, n=3))
+    items = [pairs[i] for i in range(3)]
+    calls = []
+
+    def provider(batch_items):  # e.g. a TeacherStore: looks the rows up by image id and caption index
+        calls.append([(item["image_id"], item["caption_index"]) for item in batch_items])
+        return {"row_ids": torch.arange(len(batch_items))}
+
+    def lengths(values, collator):  # a custom rule: caption lengths in tokens, through the collator's tokenizer
+        return collator.encode_texts(values)["attention_mask"].sum(dim=1)
+
+    declared = (TermInput("row_ids"), TermInput("caption", collate=lengths))
+    inputs = GapClipCollator(demo_processor, term_inputs=declared, input_providers=[provider])(items)["term_inputs"]
+    assert calls == [[(item["image_id"], item["caption_index"]) for item in items]]
+    assert inputs["row_ids"].tolist() == [0, 1, 2]  # the provider's value is used as it is
+    tokenizer = demo_processor.tokenizer
+    assert inputs["caption"].tolist() == [len(tokenizer(item["caption"])["input_ids"]) for item in items]

@@ -174,7 +174,10 @@ def test_default_options_follow_the_authors():
     assert usa.get_config_dict() == dict(USALoss.default_options)
     assert "AAAI" in CSALoss.citation and CSALoss.citation == USALoss.citation
     assert TERM_REGISTRY["csa"] is CSALoss and TERM_REGISTRY["usa"] is USALoss
-    assert CSALoss.requires == USALoss.requires == frozenset({"teacher"})
+    assert CSALoss.requires == USALoss.requires == frozenset()  # no local features
+    assert [i.name for i in CSALoss.inputs] == [i.name for i in USALoss.inputs] == [
+        "teacher_image_embeds", "teacher_text_embeds"
+    ]
     assert describe_terms()["usa"]["summary"].startswith("Uni-modal Soft-label Alignment")
 
 
@@ -260,8 +263,10 @@ def model_inputs(b=4, teacher_dim=12, seed=0, bert=False):
         "input_ids": ids,
         "attention_mask": mask,
         "pixel_values": torch.randn(b, 3, 32, 32, generator=g),
-        "teacher_image_embeds": torch.randn(b, teacher_dim, generator=g),
-        "teacher_text_embeds": torch.randn(b, teacher_dim + 3, generator=g),
+        "term_inputs": {
+            "teacher_image_embeds": torch.randn(b, teacher_dim, generator=g),
+            "teacher_text_embeds": torch.randn(b, teacher_dim + 3, generator=g),
+        },
     }
 
 
@@ -320,6 +325,6 @@ def test_runs_on_tiny_backbones(backbone):
 def test_model_without_teacher_inputs_points_to_the_recipe():
     model = GapClipModel(GapClipConfig(tiny_clip_config(), gap_terms=[{"name": "csa", "weight": 0.1}]))
     inputs = model_inputs()
-    inputs.pop("teacher_text_embeds")
+    inputs["term_inputs"].pop("teacher_text_embeds")
     with pytest.raises(ValueError, match="precompute_teachers"):
         model(**inputs, return_loss=True)

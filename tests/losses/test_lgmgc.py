@@ -266,7 +266,8 @@ def test_registry_config_dict_and_citation():
     assert TERM_REGISTRY["lsc"] is LSCLoss and TERM_REGISTRY["gst"] is GSTLoss
     assert LSCLoss(8).get_config_dict() == {"k": 4, "fusion": "concat"}
     assert GSTLoss(8).get_config_dict() == {"distance": "infonce", "on_missing": "error"}
-    assert LSCLoss.requires == {"local"} and GSTLoss.requires == {"translation"}
+    assert LSCLoss.requires == {"local"} and GSTLoss.requires == frozenset()
+    assert LSCLoss.inputs == () and [(i.name, i.collate) for i in GSTLoss.inputs] == [("translation", "text")]
     assert "LG-MGC" in LSCLoss.citation and GSTLoss.citation == LSCLoss.citation
 
 
@@ -288,7 +289,7 @@ def _inputs(n=4, vocab=(4, 60), bos=2, eos=3, pad=0, length=7, seed=0):
     translation[:, -1] = eos
     return {
         "input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(n, 3, 32, 32, generator=g),
-        "translation_input_ids": translation, "translation_attention_mask": torch.ones_like(translation),
+        "term_inputs": {"translation": {"input_ids": translation, "attention_mask": torch.ones_like(translation)}},
         "image_index": torch.tensor([0, 0, 1, 2])[:n],
     }
 
@@ -326,12 +327,13 @@ def test_parameter_count_unchanged():
 
 def test_gst_model_without_translations_is_a_clear_error():
     model = GapClipModel(GapClipConfig(tiny_clip_config(), gap_terms=[{"name": "gst"}]))
-    inputs = {k: v for k, v in _inputs().items() if not k.startswith("translation")}
+    inputs = {k: v for k, v in _inputs().items() if k != "term_inputs"}
     with pytest.raises(ValueError, match="translation"):
         model(**inputs, return_loss=True)
-    missing = torch.tensor([True, False, True, True])
+    inputs = _inputs()
+    inputs["term_inputs"]["translation"]["present"] = torch.tensor([True, False, True, True])
     with pytest.raises(ValueError, match="1 of 4 rows"):
-        model(**_inputs(), has_translation=missing, return_loss=True)
+        model(**inputs, return_loss=True)
 
 
 def test_terms_run_on_siglip():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gapclip.testing_multiprocess import single_process_reference
+from tests.multiprocess.two_process_step import REPO_ROOT, single_process_reference
 
 pytestmark = pytest.mark.multiprocess
 
@@ -28,7 +28,9 @@ SPECS = {
     "clip-triplet": {"base_loss": "triplet", "gap_terms": []},
     "clip-triplet-distance-weighted": {"base_loss": "triplet", "triplet_mining": "distance_weighted", "gap_terms": []},
 }
-SPEC_MODULES = ("test_lgmgc_two_process", "test_dias_two_process", "test_cusa_two_process")
+SPEC_MODULES = (
+    "test_lgmgc_two_process", "test_dias_two_process", "test_cusa_two_process", "test_custom_term_two_process",
+)
 _RESULTS: dict[str, tuple[list[dict], list[dict]]] = {}
 
 
@@ -39,10 +41,11 @@ def _key(spec: dict) -> str:
 def run_two_process(specs: list[dict], out_dir: Path) -> list[tuple[list[dict], list[dict]]]:
     spec_path = out_dir / "specs.json"
     spec_path.write_text(json.dumps({"specs": specs}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": python_path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gapclip.testing_multiprocess", str(spec_path), str(out_dir / "out")]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           "-m", "tests.multiprocess.two_process_step", str(spec_path), str(out_dir / "out")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     results = []
     for index in range(len(specs)):

@@ -133,7 +133,58 @@ def test_inf_gradient_with_a_finite_loss(tiny_demo_processor, tiny_demo_datasets
     loss = trainer.training_step(model, inputs)
     assert torch.isfinite(loss)
     if loss_scaling:
-        assert trainer._consecutive_nonfinite == 0 and torch.isinf(scale.grad).all()
+        assert trainer.nonfinite_guard.consecutive == 0 and torch.isinf(scale.grad).all()
     else:
-        assert trainer._consecutive_nonfinite == 1 and loss.item() == 0.0
+        assert trainer.nonfinite_guard.consecutive == 1 and loss.item() == 0.0
         assert all(p.grad is None for p in model.parameters())  # zeroed: AdamW leaves every parameter untouched
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NonFiniteGuard on its own: the whole decision, micro-batch by micro-batch
+# ---------------------------------------------------------------------------------------------------------------------
+FINITE, NAN = torch.tensor(1.0), torch.tensor(float("nan"))
+
+
+def test_guard_keeps_finite_steps_and_skips_a_spoilt_step_whole(caplog):
+    from gapclip.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard(3)
+    with caplog.at_level(logging.WARNING, logger="gapclip.nonfinite"):
+        assert guard.update(0, FINITE, {"base": FINITE, "lsc": FINITE}) is True
+        # step 1, micro-batch 1 is fine, micro-batch 2 has a NaN term: the whole step goes
+        assert guard.update(1, FINITE, {"base": FINITE, "lsc": FINITE}) is True
+        assert guard.update(1, NAN, {"base": FINITE, "lsc": NAN}) is False
+        assert guard.update(1, FINITE, {"base": FINITE, "lsc": FINITE}) is False  # the rest of the step too
+        assert guard.consecutive == 1
+        assert guard.update(2, FINITE, {"base": FINITE}, torch.tensor(False)) is False  # inf gradient, finite terms
+        assert guard.consecutive == 2
+        assert guard.update(3, FINITE, {"base": FINITE}) is True
+        assert guard.update(4, FINITE, {"base": FINITE}) is True  # step 3 ended clean: the count is reset
+        assert guard.consecutive == 0
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    expected = "Non-finite loss term(s) ['lsc'] at step 2: step skipped (gradients zeroed) [1/3 consecutive]."
+    assert messages[0] == expected
+    assert "the loss or its gradients (all terms finite) at step 3" in messages[1] and "[2/3" in messages[1]
+
+
+def test_guard_stops_after_max_consecutive_skipped_steps():
+    from gapclip.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard(2)
+    assert guard.update(0, NAN, {"base": NAN}) is False
+    with pytest.raises(RuntimeError, match=r"2 consecutive optimizer steps had a non-finite loss term\(s\) \['base'"):
+        guard.update(1, NAN, {"base": NAN, "gst": FINITE})
+    with pytest.raises(ValueError, match="max_nonfinite_steps must be >= 1, got 0"):
+        NonFiniteGuard(0)
+
+
+def test_guard_gradient_check():
+    from gapclip.nonfinite import NonFiniteGuard
+
+    layer = torch.nn.Linear(2, 2)
+    assert NonFiniteGuard.gradients_finite(layer).item() is True  # no gradients yet
+    layer(torch.ones(1, 2)).sum().backward()
+    assert NonFiniteGuard.gradients_finite(layer).item() is True
+    layer.weight.grad[0, 0] = float("inf")
+    assert NonFiniteGuard.gradients_finite(layer).item() is False

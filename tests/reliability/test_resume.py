@@ -1,10 +1,10 @@
 """Exact resume: train N steps in one go, or stop at a checkpoint and resume to N — per-step losses, final weights
 (term-owned parameters included) and test metrics are identical (CPU, fixed seed, ``dataloader_num_workers=0``).
 
-Parametrised over ``TERM_REGISTRY``, so a newly registered term is covered automatically; a term that needs
-teachers gets the session's teacher store, translations come with the demo data. The DIAS run adds the K-means
-neighbour-batch sampler, resumed both mid-epoch (its clusters must survive) and at an epoch boundary (it must
-re-cluster with the checkpoint's weights).
+Parametrised over ``TERM_REGISTRY``, so a newly registered term is covered automatically; a term that reads
+teacher embeddings gets the session's teacher store (an input provider), translations come with the demo data. The
+DIAS run adds the K-means neighbour-batch sampler, resumed both mid-epoch (its clusters must survive) and at an epoch
+boundary (it must re-cluster with the checkpoint's weights).
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def assert_identical_runs(full, resumed, full_dir, resumed_dir, *, expect_term_s
 
 
 def term_kwargs(name: str, request) -> dict:
-    requires = TERM_REGISTRY[name].requires
-    return {"teacher_store": request.getfixturevalue("teacher_store")} if "teacher" in requires else {}
+    inputs = {term_input.name for term_input in TERM_REGISTRY[name].inputs}
+    needs_teachers = bool(inputs & {"teacher_image_embeds", "teacher_text_embeds"})
+    return {"teacher_store": request.getfixturevalue("teacher_store")} if needs_teachers else {}
 
 
 @pytest.mark.parametrize("term", sorted(TERM_REGISTRY))

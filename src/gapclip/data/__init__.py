@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .collator import GapClipCollator, ImageCollator, TextCollator
 from .demo import make_demo_dataset, make_demo_processor
+from .evaluation_files import StsPairs, load_extra_positives, load_sts_pairs
 from .loaders import (
     CANONICAL_SPLITS,
     CAPTION_FEATURES,
+    attach_columns,
     attach_translations,
     load_caption_dataset,
     load_captions_file,
@@ -23,13 +25,17 @@ __all__ = [
     "GapClipCollator",
     "ImageCollator",
     "IterableCaptionPairs",
+    "StsPairs",
     "TextCollator",
+    "attach_columns",
     "attach_translations",
     "load_caption_dataset",
     "load_captions_file",
     "load_demo",
+    "load_extra_positives",
     "load_hub_captions",
     "load_karpathy",
+    "load_sts_pairs",
     "make_demo_dataset",
     "make_demo_processor",
 ]

@@ -1,19 +1,23 @@
 """Collators turning `gapclip.data.pairs` items into model inputs with the backbone's processor.
 
-`GapClipCollator` returns `input_ids`, `attention_mask` (when the tokenizer makes one), `pixel_values`, `image_index`,
-`return_loss=True` and, when items carry translations, `translation_input_ids`, `translation_attention_mask` and a
-`has_translation` mask (missing translations are encoded as ""). `ImageCollator` and `TextCollator` encode images or
-strings alone, e.g. to embed an evaluation set.
+`GapClipCollator` returns `input_ids`, `attention_mask` (when the tokenizer makes one), `word_mask`, `pixel_values`,
+`image_index`, `return_loss=True` and `term_inputs`: the per-row inputs the model's gap terms declare
+(`GapClipModel.declared_term_inputs`), each collated as its `TermInput` says, from the item key of the same name (a
+dataset column) or from an input provider (e.g. CUSA's `TeacherStore`). The collator knows no method by name.
+`ImageCollator` and `TextCollator` encode images or strings alone, e.g. to embed an evaluation set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image as PILImage
 from transformers.utils import logging
+
+from ..losses.base import TermInput
 
 logger = logging.get_logger(__name__)
 
@@ -66,7 +70,7 @@ def _as_rgb(image: Any, position: int) -> PILImage.Image:
 
 
 def _encode_texts(
-    tokenizer: Any, texts: list[str], *, max_length: int | None, padding: Any, prefix: str = ""
+    tokenizer: Any, texts: list[str], *, max_length: int | None, padding: Any, word_mask: bool = True
 ) -> dict[str, torch.Tensor]:
     """Tokenize with truncation; warn once when a text was longer than `max_length`."""
     if padding == "max_length" and max_length is None:
@@ -95,13 +99,13 @@ def _encode_texts(
             truncated = sum(len(ids) > max_length for ids in full)
             if truncated:
                 logger.warning_once(
-                    f"Some texts (captions or translations) are longer than max_length={max_length} tokens and were "
-                    "truncated (this warning is shown once)."
+                    f"Some texts (captions or text inputs of gap terms) are longer than max_length={max_length} "
+                    "tokens and were truncated (this warning is shown once)."
                 )
-    out = {f"{prefix}input_ids": encoded["input_ids"]}
+    out = {"input_ids": encoded["input_ids"]}
     if "attention_mask" in encoded:
-        out[f"{prefix}attention_mask"] = encoded["attention_mask"]
-    if not prefix and "special_tokens_mask" in encoded:
+        out["attention_mask"] = encoded["attention_mask"]
+    if word_mask and "special_tokens_mask" in encoded:
         # Word tokens for the local-feature terms: the tokenizer knows its own special tokens.
         attended = encoded["attention_mask"].bool() if "attention_mask" in encoded else True
         out["word_mask"] = attended & ~encoded["special_tokens_mask"].bool()
@@ -118,17 +122,24 @@ class GapClipCollator:
             one-time warning.
         padding: passed to the tokenizer; `"longest"` (default) or `"max_length"` (needed by SigLIP, which was
             trained on max-length padded text).
-        teacher_store: a `gapclip.teachers.TeacherStore`; adds `teacher_image_embeds`/`teacher_text_embeds` (CUSA).
+        term_inputs: the `TermInput`s to collate, usually `model.declared_term_inputs`. Each is read from the item
+            key of its name (a dataset column; `CaptionPairs` passes every extra column on) and collated as it says
+            (`"tensor"`: stacked; `"text"`: tokenised like the captions, with a `present` mask; or its callable).
+            An input no item has is left out (the model then says which term needs it and how to provide it).
+        input_providers: callables `provider(items) -> {name: collated value}` for inputs that do not come from
+            the dataset, e.g. a `gapclip.teachers.TeacherStore` (CUSA's teacher embeddings); what they return is
+            added to `term_inputs` as it is.
 
-    Returns a dict with `input_ids`, `attention_mask` (if the tokenizer makes one), `pixel_values`, `image_index`
-    (LongTensor), `return_loss=True`, and when any item has a translation: `translation_input_ids`,
-    `translation_attention_mask` (if made) and `has_translation` (BoolTensor; missing translations are encoded as "").
+    Returns a dict with `input_ids`, `attention_mask` (if the tokenizer makes one), `word_mask`, `pixel_values`,
+    `image_index` (LongTensor), `return_loss=True` and, when there is any, `term_inputs` (name → tensor or dict of
+    tensors).
     """
 
     processor: Any
     max_length: int | None = None
     padding: Any = "longest"
-    teacher_store: Any = None
+    term_inputs: Sequence[TermInput] = ()
+    input_providers: Sequence[Callable[[list[dict[str, Any]]], Mapping[str, Any]]] = ()
 
     def __post_init__(self) -> None:
         if self.padding not in _PADDING:
@@ -154,27 +165,72 @@ class GapClipCollator:
         images = [_as_rgb(item["image"], i) for i, item in enumerate(items)]
         batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         batch["image_index"] = torch.tensor([int(item["image_index"]) for item in items], dtype=torch.long)
-        translations = [item.get("translation") for item in items]
-        if any(t is not None for t in translations):
-            batch.update(
-                _encode_texts(
-                    self.tokenizer,
-                    [t if t is not None else "" for t in translations],
-                    max_length=self.resolved_max_length,
-                    padding=self.padding,
-                    prefix="translation_",
-                )
-            )
-            batch["has_translation"] = torch.tensor([t is not None for t in translations], dtype=torch.bool)
-        if self.teacher_store is not None:
-            # CUSA: precomputed teacher embeddings of each row's image and caption (gapclip.teachers.TeacherStore).
-            batch.update(
-                self.teacher_store.lookup(
-                    [str(item["image_id"]) for item in items], [int(item["caption_index"]) for item in items]
-                )
-            )
+        term_inputs = self.collate_term_inputs(items)
+        if term_inputs:
+            batch["term_inputs"] = term_inputs
         batch["return_loss"] = True
         return batch
+
+    def encode_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise ``texts`` like the captions (truncation, padding): ``input_ids`` and ``attention_mask``."""
+        return _encode_texts(
+            self.tokenizer, texts, max_length=self.resolved_max_length, padding=self.padding, word_mask=False
+        )
+
+    def collate_term_inputs(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """The ``term_inputs`` of a batch: every provider's values, then each declared input found in the items."""
+        collated: dict[str, Any] = {}
+        for provider in self.input_providers:
+            collated.update(provider(items))
+        for declared in self.term_inputs:
+            if declared.name in collated:
+                continue
+            values = [_row_value(item, declared, row) for row, item in enumerate(items)]
+            if all(value is None for value in values):
+                continue
+            collated[declared.name] = self._collate_input(declared, values, items)
+        return collated
+
+    def _collate_input(self, declared: TermInput, values: list[Any], items: list[dict[str, Any]]) -> Any:
+        if callable(declared.collate):
+            return declared.collate(values, self)
+        if declared.collate == "text":
+            bad = [row for row, value in enumerate(values) if value is not None and not isinstance(value, str)]
+            if bad:
+                raise TypeError(
+                    f"GapClipCollator: text input {declared.name!r} of batch rows {bad[:5]} is not a string "
+                    f"(first: {type(values[bad[0]]).__name__})."
+                )
+            encoded = self.encode_texts([value if value is not None else "" for value in values])
+            encoded["present"] = torch.tensor([value is not None for value in values], dtype=torch.bool)
+            return encoded
+        missing = [row for row, value in enumerate(values) if value is None]
+        if missing:
+            ids = [items[row].get("image_id") for row in missing[:5]]
+            raise ValueError(
+                f"GapClipCollator: input {declared.name!r} (read by a gap term) has no value in batch rows "
+                f"{missing[:5]} (image ids {ids}); every row needs one."
+            )
+        try:
+            return torch.stack([torch.as_tensor(value, dtype=declared.dtype) for value in values])
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"GapClipCollator: input {declared.name!r} could not be stacked into a {declared.dtype} tensor "
+                f"(values of the first rows: {values[:3]!r}): {error}"
+            ) from None
+
+
+def _row_value(item: Mapping[str, Any], declared: TermInput, row: int) -> Any:
+    value = item.get(declared.name)
+    if value is None or not declared.per_caption:
+        return value
+    caption_index = item.get("caption_index")
+    if caption_index is None or not 0 <= int(caption_index) < len(value):
+        raise ValueError(
+            f"GapClipCollator: input {declared.name!r} holds one value per caption, but batch row {row} "
+            f"(image id {item.get('image_id')!r}) has caption_index={caption_index!r} and {len(value)} values."
+        )
+    return value[int(caption_index)]
 
 
 @dataclass

@@ -7,7 +7,8 @@ among `"train"`, `"validation"` and `"test"`. Each split has the features of `CA
 - `image` (`Image()`): decoded lazily to a PIL image when a row is read,
 - `captions` (`List(Value("string"))`): one or more non-empty captions,
 
-plus an optional `translation` (`Value("string")`, may be None) added by `attach_translations`.
+plus an optional `translation` (`Value("string")`, may be None) added by `attach_translations`, and any per-image
+columns `attach_columns` adds (e.g. the input of a gap term of your own).
 
 Validation at load time is cheap and never decodes images: missing image files, images without captions, malformed
 Karpathy JSON and duplicate image ids are reported with the file, row/entry and id involved.
@@ -32,6 +33,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "CANONICAL_SPLITS",
     "CAPTION_FEATURES",
+    "attach_columns",
     "attach_translations",
     "load_caption_dataset",
     "load_captions_file",
@@ -208,37 +210,111 @@ def _iter_json_objects(handle: Any, path: Path) -> Iterator[tuple[int, dict[str,
         yield line_number, row
 
 
-def _add_translation_batch(image_ids: list[str], *, table: Mapping[str, str]) -> dict[str, list[str | None]]:
-    return {"translation": [table.get(str(image_id)) for image_id in image_ids]}
-
-
 def attach_translations(dsdict: AnyDatasetDict | Dataset | IterableDataset, path: str | os.PathLike) -> Any:
     """Add a `translation` column read from a JSONL file; image ids missing from the file get None.
 
     Works on `DatasetDict`, `IterableDatasetDict`, `Dataset` and `IterableDataset`, returning the same kind.
     """
-    table = read_translations(path)
-    fn = functools.partial(_add_translation_batch, table=table)
+    table = {image_id: {"translation": text} for image_id, text in read_translations(path).items()}
+    return _attach(dsdict, table, Features({"translation": Value("string")}), f"translations file {str(path)!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Further per-image columns (inputs of gap terms)
+# ---------------------------------------------------------------------------------------------------------------------
+#: Names a further column cannot take: the caption columns and the keys of a training item.
+_RESERVED_COLUMNS = ("image_id", "image", "captions", "caption", "caption_index", "image_index")
+
+
+def read_image_columns(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Read a JSONL file of per-image values, `{"image_id": ..., "<column>": value, ...}` per line.
+
+    Returns:
+        `({image_id: {column: value}}, column names in order of first appearance)`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"columns file {str(path)!r} does not exist.")
+    table: dict[str, dict[str, Any]] = {}
+    columns: dict[str, None] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line_number, row in _iter_json_objects(handle, path):
+            if "image_id" not in row:
+                raise ValueError(
+                    f"{path}, line {line_number}: expected an object with an 'image_id' key, got {row!r}."
+                )
+            values = {key: value for key, value in row.items() if key != "image_id"}
+            reserved = sorted(set(values) & set(_RESERVED_COLUMNS))
+            if reserved:
+                raise ValueError(
+                    f"{path}, line {line_number}: column(s) {reserved} clash with gapclip's own columns and item keys "
+                    f"{list(_RESERVED_COLUMNS)}; rename them."
+                )
+            image_id = str(row["image_id"])
+            if image_id in table:
+                raise ValueError(f"{path}, line {line_number}: image_id {image_id!r} appears twice.")
+            table[image_id] = values
+            columns.update(dict.fromkeys(values))
+    if not columns:
+        raise ValueError(f"{path}: no column besides 'image_id' in any line; nothing to attach.")
+    return table, list(columns)
+
+
+def _column_features(table: Mapping[str, Mapping[str, Any]], columns: list[str]) -> Features:
+    """Each column's feature, inferred from its first non-null value (all null: a string column)."""
+    features = {}
+    for column in columns:
+        example = next((row[column] for row in table.values() if row.get(column) is not None), None)
+        if example is None:
+            features[column] = Value("string")
+        else:
+            features[column] = Dataset.from_dict({column: [example]}).features[column]
+    return Features(features)
+
+
+def _add_columns_batch(image_ids: list[str], *, table: Mapping[str, Mapping[str, Any]], columns: list[str]):
+    rows = [table.get(str(image_id), {}) for image_id in image_ids]
+    return {column: [row.get(column) for row in rows] for column in columns}
+
+
+def attach_columns(dsdict: AnyDatasetDict | Dataset | IterableDataset, path: str | os.PathLike) -> Any:
+    """Add the per-image columns of a JSONL file (`{"image_id": ..., "<column>": value, ...}` per line), e.g. the
+    input a gap term of your own reads (`gapclip.losses.TermInput`); images missing from the file get None.
+
+    Column types are inferred from the first non-null value. Works on `DatasetDict`, `IterableDatasetDict`, `Dataset`
+    and `IterableDataset`, returning the same kind; a column the dataset already has is replaced.
+    """
+    table, columns = read_image_columns(path)
+    return _attach(dsdict, table, _column_features(table, columns), f"columns file {str(path)!r}")
+
+
+def _attach(dsdict: Any, table: Mapping[str, Mapping[str, Any]], added: Features, source: str) -> Any:
+    """Add the columns of ``added`` from ``table`` ({image_id: {column: value}}); ids not in it get None."""
+    columns = list(added)
+    fn = functools.partial(_add_columns_batch, table=table, columns=columns)
 
     def _one(ds: Dataset | IterableDataset) -> Dataset | IterableDataset:
-        if ds.column_names is not None and "translation" in ds.column_names:
-            ds = ds.remove_columns("translation")
-        features = Features({**ds.features, "translation": Value("string")}) if ds.features is not None else None
+        existing = [column for column in columns if ds.column_names is not None and column in ds.column_names]
+        if existing:
+            ds = ds.remove_columns(existing)
+        features = Features({**ds.features, **added}) if ds.features is not None else None
         return ds.map(fn, batched=True, input_columns="image_id", features=features)
 
     if isinstance(dsdict, (DatasetDict, IterableDatasetDict)):
-        matched = 0
         out = type(dsdict)({split: _one(ds) for split, ds in dsdict.items()})
         if isinstance(dsdict, DatasetDict):
-            matched = sum(sum(t is not None for t in ds["translation"]) for ds in out.values())
-            total = sum(len(ds) for ds in out.values())
+            total = sum(len(ds) for ds in dsdict.values())
+            matched = sum(
+                table.get(str(image_id), {}).get(columns[0]) is not None
+                for ds in dsdict.values() for image_id in ds["image_id"]
+            )
             if matched < total:
-                logger.warning(f"translations file {str(path)!r}: {total - matched} of {total} images have none.")
+                logger.warning(f"{source}: {total - matched} of {total} images have none.")
         return out
     if isinstance(dsdict, (Dataset, IterableDataset)):
         return _one(dsdict)
     raise TypeError(
-        f"attach_translations expects a DatasetDict, IterableDatasetDict, Dataset or IterableDataset, "
+        f"attach_translations/attach_columns expect a DatasetDict, IterableDatasetDict, Dataset or IterableDataset, "
         f"got {type(dsdict).__name__}."
     )
 

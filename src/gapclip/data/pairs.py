@@ -1,9 +1,10 @@
 """Training pairs over a canonical caption dataset (see `gapclip.data.loaders`).
 
-`CaptionPairs` wraps a `datasets.Dataset` and serves `{"image", "caption", "image_index", "image_id", "translation"}`
-items, either one caption per image per epoch (`mode="one_per_image"`) or every (image, caption) pair
-(`mode="all_pairs"`). `IterableCaptionPairs` is the streaming counterpart for a `datasets.IterableDataset` and picks
-captions with the same rule, so both yield the same items for the same rows.
+`CaptionPairs` wraps a `datasets.Dataset` and serves `{"image", "caption", "caption_index", "image_index",
+"image_id"}` items plus the row's value of every further column (e.g. `translation`, or a column a gap term of your
+own reads; see `gapclip.losses.TermInput`), either one caption per image per epoch (`mode="one_per_image"`) or
+every (image, caption) pair (`mode="all_pairs"`). `IterableCaptionPairs` is the streaming counterpart for a
+`datasets.IterableDataset` and picks captions with the same rule, so both yield the same items for the same rows.
 
 The caption chosen for row `r` at epoch `e` in `one_per_image` mode is `perm[e % n]`, where `n` is the number of
 captions and `perm` is a permutation of `range(n)` drawn from a numpy Generator seeded with `(seed, r, e // n)`: each
@@ -125,11 +126,36 @@ def _undecoded(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
     return dataset.cast_column("image", Image(decode=False))
 
 
+#: The canonical caption columns; every other column of a split is passed on in the items as it is.
+_CAPTION_COLUMNS = ("image_id", "image", "captions")
+
+
+def _item(record: dict[str, Any], image: PILImage.Image, captions: list[str], caption_index: int, row: int) -> dict:
+    item = {
+        "image": image,
+        "caption": captions[caption_index],
+        "caption_index": caption_index,
+        "image_index": row,
+        "image_id": str(record["image_id"]),
+    }
+    for column, value in record.items():
+        if column in _CAPTION_COLUMNS:
+            continue
+        if column in item:
+            raise ValueError(
+                f"The dataset column {column!r} clashes with the item key of the same name "
+                f"({sorted(item)}); rename the column."
+            )
+        item[column] = value
+    return item
+
+
 class CaptionPairs(torch.utils.data.Dataset):
     """Map-style (image, caption) pairs over a caption `datasets.Dataset`.
 
     Args:
-        dataset: a split with columns `image_id`, `image` (`Image` feature), `captions` and optionally `translation`.
+        dataset: a split with columns `image_id`, `image` (`Image` feature), `captions`, and any further columns
+            (e.g. `translation`), which are passed on in every item under their own names.
         mode: `"one_per_image"` (default; `len` = number of images, one caption per image chosen by
             `choose_caption_index(seed, epoch, row)`) or `"all_pairs"` (`len` = total number of captions).
         seed: seed of the caption choice.
@@ -137,9 +163,8 @@ class CaptionPairs(torch.utils.data.Dataset):
         max_bad_image_fraction: in skip mode, raise once more than this fraction of the split's images is unreadable.
 
     Items: `{"image": PIL.Image (RGB), "caption": str, "caption_index": int, "image_index": int (row in the split),
-    "image_id": str,
-    "translation": str | None}`. Call `set_epoch(epoch)` at the start of every epoch. With DataLoader workers, each
-    worker keeps its own bad-image counters.
+    "image_id": str, **further columns}`. Call `set_epoch(epoch)` at the start of every epoch. With DataLoader
+    workers, each worker keeps its own bad-image counters.
     """
 
     def __init__(
@@ -159,7 +184,6 @@ class CaptionPairs(torch.utils.data.Dataset):
         _set_pair_options(self, dataset, "CaptionPairs", mode, seed, on_bad_image, max_bad_image_fraction)
         self.bad_rows: dict[int, str] = {}
         self._raw = _undecoded(dataset)
-        self._has_translation = "translation" in dataset.column_names
         self._counts = self._caption_counts()
         empty = np.flatnonzero(self._counts == 0)
         if len(empty):
@@ -218,14 +242,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         captions = record["captions"]
         if caption_index is None:
             caption_index = choose_caption_index(len(captions), seed=self.seed, epoch=self.epoch, row=row)
-        return {
-            "image": image,
-            "caption": captions[caption_index],
-            "caption_index": caption_index,
-            "image_index": row,
-            "image_id": image_id,
-            "translation": record.get("translation") if self._has_translation else None,
-        }
+        return _item(record, image, captions, caption_index, row)
 
     def _record_bad(self, row: int, err: ValueError) -> None:
         if row not in self.bad_rows:
@@ -332,13 +349,6 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
             else:
                 indices = range(len(captions))
             for caption_index in indices:
-                yield {
-                    "image": image,
-                    "caption": captions[caption_index],
-                    "caption_index": caption_index,
-                    "image_index": row,
-                    "image_id": image_id,
-                    "translation": record.get("translation"),
-                }
+                yield _item(record, image, captions, caption_index, row)
             self._check_fraction(last_error, final=False)
         self._check_fraction(last_error, final=True)

@@ -29,13 +29,13 @@ Conventions shared by both terms (from the paper and the authors' code, github l
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GapBatch, GapTerm, register_term
+from .base import GapBatch, GapTerm, TermInput, register_term
 
 CUSA_CITATION = """@inproceedings{huang2024cusa,
   title={Cross-Modal and Uni-Modal Soft-Label Alignment for Image-Text Retrieval},
@@ -80,19 +80,46 @@ def _project_(parameter: nn.Parameter, low: float, high: float) -> torch.Tensor:
     return parameter.clone()
 
 
-def _check_temperatures(term: str, options: dict[str, Any], init_keys: tuple[str, ...]) -> None:
-    low, high = options["min_temperature"], options["max_temperature"]
-    if not 0 < low <= high:
-        raise ValueError(
-            f"{term}: need 0 < min_temperature <= max_temperature, got min_temperature={low}, max_temperature={high}."
-        )
-    for key in init_keys:
-        if not low <= options[key] <= high:
+_TEACHER_HELP = (
+    "Precompute the teacher embeddings of this dataset with recipes/precompute_teachers.py (recipes/"
+    "train_clip_cusa.py does it when they are missing) and give the collator the TeacherStore as an input provider."
+)
+#: CUSA's per-row inputs: each row's teacher image and caption embeddings, looked up in a `TeacherStore`.
+TEACHER_INPUTS = (
+    TermInput("teacher_image_embeds", help=_TEACHER_HELP),
+    TermInput("teacher_text_embeds", help=_TEACHER_HELP),
+)
+
+
+class _SoftLabelTerm(GapTerm):
+    """What CSA and USA share: the teacher inputs and the temperature options with their checks."""
+
+    citation: ClassVar[str] = CUSA_CITATION
+    inputs: ClassVar[tuple[TermInput, ...]] = TEACHER_INPUTS
+
+    def __init__(
+        self, embed_dim: int, *, init_temperature: float = 0.45, min_temperature: float = 0.10,
+        max_temperature: float = 1.00, teacher_temperature: float = 1.0,
+    ):
+        super().__init__(embed_dim)
+        term = type(self).__name__
+        low, high = min_temperature, max_temperature
+        if not 0 < low <= high:
             raise ValueError(
-                f"{term}: {key}={options[key]} lies outside [min_temperature, max_temperature] = [{low}, {high}]."
+                f"{term}: need 0 < min_temperature <= max_temperature, got min_temperature={low}, "
+                f"max_temperature={high}."
             )
-    if not options["teacher_temperature"] > 0:
-        raise ValueError(f"{term}: teacher_temperature must be > 0, got {options['teacher_temperature']}.")
+        if not low <= init_temperature <= high:
+            raise ValueError(
+                f"{term}: init_temperature={init_temperature} lies outside [min_temperature, max_temperature] = "
+                f"[{low}, {high}]."
+            )
+        if not teacher_temperature > 0:
+            raise ValueError(f"{term}: teacher_temperature must be > 0, got {teacher_temperature}.")
+        self.init_temperature = init_temperature
+        self.min_temperature = min_temperature
+        self.max_temperature = max_temperature
+        self.teacher_temperature = teacher_temperature
 
 
 def _teacher_embeds(term: str, batch: GapBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +127,8 @@ def _teacher_embeds(term: str, batch: GapBatch) -> tuple[torch.Tensor, torch.Ten
         image, text = batch.extras["teacher_image_embeds"], batch.extras["teacher_text_embeds"]
     except KeyError:
         raise ValueError(
-            f"Gap term {term!r} needs `teacher_image_embeds` and `teacher_text_embeds` in GapBatch.extras; run "
-            "recipes/precompute_teachers.py and let the collator add them."
+            f"Gap term {term!r} needs `teacher_image_embeds` and `teacher_text_embeds` in GapBatch.extras. "
+            + _TEACHER_HELP
         ) from None
     for name, tensor in (("teacher_image_embeds", image), ("teacher_text_embeds", text)):
         if tensor.dim() != 2 or tensor.shape[0] != batch.batch_size:
@@ -113,7 +140,7 @@ def _teacher_embeds(term: str, batch: GapBatch) -> tuple[torch.Tensor, torch.Ten
 
 
 @register_term
-class CSALoss(GapTerm):
+class CSALoss(_SoftLabelTerm):
     """Cross-modal Soft-label Alignment: student image→text rows follow teacher image→image rows (CUSA, Eq. 6).
 
     ``L_CSA = ½ [KL(P_i2i ‖ Q_i2t) + KL(P_t2t ‖ Q_t2i)]`` with
@@ -133,10 +160,10 @@ class CSALoss(GapTerm):
 
     Args:
         embed_dim: the model's joint embedding size (unused; the term owns no projector).
-        init_temperature: initial ``τ_c`` (default 0.45, as the authors).
-        min_temperature / max_temperature: ``τ_c`` is projected into this range before every forward
-            (defaults 0.10 / 0.99, as the authors). ``τ_c`` is stored raw (parameter ``temperature``), not as a log.
-        teacher_temperature: ``T`` of the teacher rows (default 1.0, as the authors; fixed).
+        init_temperature: initial ``τ_c`` (the default is the authors' value).
+        min_temperature / max_temperature: ``τ_c`` is projected into this range before every forward (defaults
+            as the authors'). ``τ_c`` is stored raw (parameter ``temperature``), not as a log.
+        teacher_temperature: ``T`` of the teacher rows (fixed; the default is the authors' value).
 
     Inputs:
         ============================================  ===============================================
@@ -152,7 +179,7 @@ class CSALoss(GapTerm):
     keeps the annotated pairs dominant and uses the teacher only to soften false negatives.
 
     Relations: :class:`USALoss` uses the same teacher targets on uni-modal logits; both together are CUSA (Eq. 9).
-    ``requires = {"teacher"}``: the model reads ``teacher_image_embeds``/``teacher_text_embeds`` from the batch.
+    Its ``inputs`` are ``teacher_image_embeds``/``teacher_text_embeds``, which a `TeacherStore` gives the collator.
 
     Example::
 
@@ -161,34 +188,31 @@ class CSALoss(GapTerm):
         >>> model = GapClipModel(GapClipConfig(tiny_clip_config(), gap_terms=[
         ...     {"name": "csa", "weight": 0.1}, {"name": "usa", "weight": 0.5}]))
         >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True,
-        ...             teacher_image_embeds=t_img, teacher_text_embeds=t_txt)
+        ...             term_inputs={"teacher_image_embeds": t_img, "teacher_text_embeds": t_txt})
         >>> out.loss_terms["csa"], out.loss_terms["usa"]
     """
 
     name: ClassVar[str] = "csa"
-    requires: ClassVar[frozenset[str]] = frozenset({"teacher"})
-    citation: ClassVar[str] = CUSA_CITATION
-    default_options: ClassVar[dict[str, Any]] = {
-        "init_temperature": 0.45,
-        "min_temperature": 0.10,
-        "max_temperature": 0.99,
-        "teacher_temperature": 1.0,
-    }
 
-    def __init__(self, embed_dim: int, **options: Any):
-        super().__init__(embed_dim, **options)
-        _check_temperatures(type(self).__name__, self.options, ("init_temperature",))
-        self.temperature = nn.Parameter(torch.tensor(float(self.options["init_temperature"])))
+    def __init__(
+        self, embed_dim: int, *, init_temperature: float = 0.45, min_temperature: float = 0.10,
+        max_temperature: float = 0.99, teacher_temperature: float = 1.0,
+    ):
+        super().__init__(
+            embed_dim, init_temperature=init_temperature, min_temperature=min_temperature,
+            max_temperature=max_temperature, teacher_temperature=teacher_temperature,
+        )
+        self.temperature = nn.Parameter(torch.tensor(float(init_temperature)))
 
     def current_temperature(self) -> torch.Tensor:
         """``τ_c`` after projection into ``[min_temperature, max_temperature]`` (differentiable)."""
-        return _project_(self.temperature, self.options["min_temperature"], self.options["max_temperature"])
+        return _project_(self.temperature, self.min_temperature, self.max_temperature)
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         teacher_image, teacher_text = _teacher_embeds(self.name, batch)
         return self.compute_loss_from_embeddings(
             batch.image_embeds, batch.text_embeds, teacher_image, teacher_text, self.current_temperature(),
-            teacher_temperature=self.options["teacher_temperature"],
+            teacher_temperature=self.teacher_temperature,
         )
 
     @staticmethod
@@ -220,7 +244,7 @@ class _UniModalProjector(nn.Sequential):
 
 
 @register_term
-class USALoss(GapTerm):
+class USALoss(_SoftLabelTerm):
     """Uni-modal Soft-label Alignment: student image→image / text→text rows follow the teacher's (CUSA, Eq. 8).
 
     ``L_USA = ½ [KL(P_i2i ‖ Q_i2i) + KL(P_t2t ‖ Q_t2t)]`` with the teacher targets of Eq. 5 (as in
@@ -246,10 +270,10 @@ class USALoss(GapTerm):
 
     Args:
         embed_dim: ``D``, the model's joint embedding size (projector width).
-        init_temperature: initial ``τ_i`` and ``τ_t`` (default 0.45, as the authors).
+        init_temperature: initial ``τ_i`` and ``τ_t`` (the default is the authors' value).
         min_temperature / max_temperature: both are projected into this range before every forward (defaults
-            0.10 / 1.00, as the authors). Stored raw (parameters ``image_temperature``/``text_temperature``).
-        teacher_temperature: ``T`` of the teacher rows (default 1.0; fixed).
+            as the authors'). Stored raw (parameters ``image_temperature``/``text_temperature``).
+        teacher_temperature: ``T`` of the teacher rows (fixed; the default is the authors' value).
 
     Inputs: as :class:`CSALoss` (``image_embeds``, ``text_embeds`` ``[B, D]``; ``extras["teacher_image_embeds"]``
     ``[B, T_img]``, ``extras["teacher_text_embeds"]`` ``[B, T_txt]``).
@@ -261,38 +285,34 @@ class USALoss(GapTerm):
     fight the base loss on the retrieval logits, so it tolerates a larger weight than CSA (α = 0.1); the paper
     explores 0.1–1.0.
 
-    Relations: :class:`CSALoss` (same targets, cross-modal logits). ``requires = {"teacher"}``.
+    Relations: :class:`CSALoss` (same targets and inputs, cross-modal logits).
 
     Example::
 
         >>> model = GapClipModel(GapClipConfig(tiny_clip_config(), gap_terms=[{"name": "usa", "weight": 0.5}]))
         >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True,
-        ...             teacher_image_embeds=t_img, teacher_text_embeds=t_txt)
+        ...             term_inputs={"teacher_image_embeds": t_img, "teacher_text_embeds": t_txt})
         >>> out.loss_terms["usa"]
     """
 
     name: ClassVar[str] = "usa"
-    requires: ClassVar[frozenset[str]] = frozenset({"teacher"})
-    citation: ClassVar[str] = CUSA_CITATION
-    default_options: ClassVar[dict[str, Any]] = {
-        "init_temperature": 0.45,
-        "min_temperature": 0.10,
-        "max_temperature": 1.00,
-        "teacher_temperature": 1.0,
-    }
 
-    def __init__(self, embed_dim: int, **options: Any):
-        super().__init__(embed_dim, **options)
-        _check_temperatures(type(self).__name__, self.options, ("init_temperature",))
+    def __init__(
+        self, embed_dim: int, *, init_temperature: float = 0.45, min_temperature: float = 0.10,
+        max_temperature: float = 1.00, teacher_temperature: float = 1.0,
+    ):
+        super().__init__(
+            embed_dim, init_temperature=init_temperature, min_temperature=min_temperature,
+            max_temperature=max_temperature, teacher_temperature=teacher_temperature,
+        )
         self.image_projector = _UniModalProjector(embed_dim)
         self.text_projector = _UniModalProjector(embed_dim)
-        init = float(self.options["init_temperature"])
-        self.image_temperature = nn.Parameter(torch.tensor(init))
-        self.text_temperature = nn.Parameter(torch.tensor(init))
+        self.image_temperature = nn.Parameter(torch.tensor(float(init_temperature)))
+        self.text_temperature = nn.Parameter(torch.tensor(float(init_temperature)))
 
     def current_temperatures(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(τ_i, τ_t)`` after projection into ``[min_temperature, max_temperature]`` (differentiable)."""
-        low, high = self.options["min_temperature"], self.options["max_temperature"]
+        low, high = self.min_temperature, self.max_temperature
         return _project_(self.image_temperature, low, high), _project_(self.text_temperature, low, high)
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
@@ -302,7 +322,7 @@ class USALoss(GapTerm):
         projected_text = self.text_projector(batch.text_embeds.to(self.text_projector[1].weight.dtype))
         return self.compute_loss_from_embeddings(
             projected_image, projected_text, teacher_image, teacher_text, image_temperature, text_temperature,
-            teacher_temperature=self.options["teacher_temperature"],
+            teacher_temperature=self.teacher_temperature,
         )
 
     @staticmethod
@@ -327,4 +347,4 @@ class USALoss(GapTerm):
         return 0.5 * (kl_batchmean(p_i2i, q_i2i) + kl_batchmean(p_t2t, q_t2t))
 
 
-__all__ = ["CUSA_CITATION", "CSALoss", "USALoss", "kl_batchmean", "teacher_targets"]
+__all__ = ["CUSA_CITATION", "TEACHER_INPUTS", "CSALoss", "USALoss", "kl_batchmean", "teacher_targets"]

@@ -20,7 +20,7 @@ The batch the terms see is the *global* batch (gathered over processes, rows in 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,10 @@ def _upcast(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
 
 
-def _check_choice(term: str, option: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{term} option {option!r} must be one of {list(choices)}, got {value!r}.")
+Aggregation = Literal["region_word", "pair_mean"]
+CorrelationTransform = Literal["shift", "none"]
+SparseMask = Literal["straight_through", "soft", "hard"]
+Selection = Literal["dependency", "difference"]
 
 
 # ---------------------------------------------------------------------------------------------- L_dim (Eq. 4-6)
@@ -154,8 +155,9 @@ class DimensionAlignmentLoss(GapTerm):
     Recommended weight: ω_dim = 10 (Sec. 4.4, Fig. 7).
 
     Args:
-        aggregation: ``"region_word"`` (default) or ``"pair_mean"`` (average each pair's locals first).
-        correlation_transform: ``"shift"`` (default, ``(1+c)/2``) or ``"none"`` (literal Eq. 6 on raw cosines).
+        aggregation: the common index of the dimension vectors: region_word (every patch-word pair of a matched
+            pair) or pair_mean (average each pair's locals first).
+        correlation_transform: shift (``(1+c)/2`` before Eq. 6's ratios) or none (literal Eq. 6 on raw cosines).
 
     Inputs:
         ``batch.patch_embeds [B, P, d]`` + ``patch_mask [B, P]``, ``batch.token_embeds [B, L, d]`` +
@@ -175,12 +177,17 @@ class DimensionAlignmentLoss(GapTerm):
     name: ClassVar[str] = "dias_dim"
     requires: ClassVar[frozenset[str]] = frozenset({"local"})
     citation: ClassVar[str] = DIAS_CITATION
-    default_options: ClassVar[dict[str, Any]] = {"aggregation": "region_word", "correlation_transform": "shift"}
 
-    def __init__(self, embed_dim: int, **options: Any):
-        super().__init__(embed_dim, **options)
-        _check_choice(self.name, "aggregation", self.options["aggregation"], ("region_word", "pair_mean"))
-        _check_choice(self.name, "correlation_transform", self.options["correlation_transform"], ("shift", "none"))
+    def __init__(
+        self,
+        embed_dim: int,
+        *,
+        aggregation: Aggregation = "region_word",
+        correlation_transform: CorrelationTransform = "shift",
+    ):
+        super().__init__(embed_dim)
+        self.aggregation = aggregation
+        self.correlation_transform = correlation_transform
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         if batch.patch_embeds is None or batch.token_embeds is None:
@@ -200,9 +207,9 @@ class DimensionAlignmentLoss(GapTerm):
             token_mask = torch.ones(token_embeds.shape[:2], dtype=torch.bool, device=token_embeds.device)
         patch_embeds, token_embeds = _upcast(patch_embeds), _upcast(token_embeds)
         correlation = dimension_correlation(
-            patch_embeds, patch_mask, token_embeds, token_mask, aggregation=self.options["aggregation"]
+            patch_embeds, patch_mask, token_embeds, token_mask, aggregation=self.aggregation
         )
-        return dimension_alignment_loss(correlation, self.options["correlation_transform"])
+        return dimension_alignment_loss(correlation, self.correlation_transform)
 
 
 # ------------------------------------------------------------------------------ sparse correlation (Eq. 11-14)
@@ -297,32 +304,32 @@ class _SparseSpatialTerm(GapTerm):
     """Shared machinery of ``dias_inter``/``dias_intra``: ``Σ_ij b_ij (difference_ij)²`` with learnable β slots."""
 
     citation: ClassVar[str] = DIAS_CITATION
-    default_options: ClassVar[dict[str, Any]] = {
-        "sparse": True,
-        "max_batch_size": 512,
-        "beta_init": 0.0,
-        "mask": "straight_through",
-        "temperature": 0.5,
-        "reduction": "sum",
-        "selection": "dependency",
-    }
 
-    def __init__(self, embed_dim: int, **options: Any):
-        super().__init__(embed_dim, **options)
-        _check_choice(self.name, "mask", self.options["mask"], ("straight_through", "soft", "hard"))
-        _check_choice(self.name, "reduction", self.options["reduction"], ("sum", "mean"))
-        _check_choice(self.name, "selection", self.options["selection"], ("dependency", "difference"))
-        max_batch_size = self.options["max_batch_size"]
-        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 2:
+    def __init__(
+        self,
+        embed_dim: int,
+        *,
+        sparse: bool = True,
+        max_batch_size: int = 512,
+        beta_init: float = 0.0,
+        mask: SparseMask = "straight_through",
+        temperature: float = 0.5,
+        reduction: Literal["sum", "mean"] = "sum",
+        selection: Selection = "dependency",
+    ):
+        super().__init__(embed_dim)
+        if max_batch_size < 2:
             raise ValueError(f"{self.name} option 'max_batch_size' must be an int >= 2, got {max_batch_size!r}.")
-        if not float(self.options["temperature"]) > 0:
-            raise ValueError(f"{self.name} option 'temperature' must be > 0, got {self.options['temperature']!r}.")
+        if not temperature > 0:
+            raise ValueError(f"{self.name} option 'temperature' must be > 0, got {temperature!r}.")
+        self.sparse, self.max_batch_size, self.beta_init = sparse, max_batch_size, beta_init
+        self.mask, self.temperature, self.reduction, self.selection = mask, temperature, reduction, selection
         # One β per instance slot (= row index within the global batch), image side (rows) and text side (columns).
         # β is learnable only when it can get a gradient (sparse, mask != "hard"); otherwise it is a saved buffer, so
         # DDP never sees a parameter without gradient.
-        learnable = self.options["sparse"] and self.options["mask"] != "hard"
+        learnable = sparse and mask != "hard"
         for side in ("beta_image", "beta_text"):
-            init = torch.full((max_batch_size,), float(self.options["beta_init"]))
+            init = torch.full((max_batch_size,), float(beta_init))
             if learnable:
                 setattr(self, side, nn.Parameter(init))
             else:
@@ -344,8 +351,8 @@ class _SparseSpatialTerm(GapTerm):
             positive_mask = torch.eye(n, dtype=torch.bool, device=image_embeds.device)
         difference = self.spatial_difference(image_embeds, text_embeds)
         unmatched = ~positive_mask.bool()
-        if self.options["sparse"]:
-            max_batch_size = self.options["max_batch_size"]
+        if self.sparse:
+            max_batch_size = self.max_batch_size
             if n > max_batch_size:
                 raise ValueError(
                     f"Gap term {self.name!r}: the global batch has {n} rows but option 'max_batch_size' is "
@@ -354,13 +361,12 @@ class _SparseSpatialTerm(GapTerm):
                 )
             weights = sparse_correlation_mask(
                 difference, unmatched, self.beta_image[:n], self.beta_text[:n],
-                mask=self.options["mask"], temperature=float(self.options["temperature"]),
-                selection=self.options["selection"],
+                mask=self.mask, temperature=float(self.temperature), selection=self.selection,
             )
         else:
             weights = unmatched.to(difference.dtype)
         loss = (weights * difference.pow(2)).sum()
-        if self.options["reduction"] == "mean":
+        if self.reduction == "mean":
             loss = loss / (n * n)
         return loss
 
@@ -386,14 +392,14 @@ _SPATIAL_DOC = """
     the μ/θ statistics, so two captions of one image are never constrained like a negative pair.
 
     Args:
-        sparse: apply the sparse selection (default ``True``); ``False`` is the dense Eq. {dense_eq}.
-        max_batch_size: number of β slots (default 512); must be >= the global batch size.
-        beta_init: initial β (default 0.0: κ = μ).
-        mask: ``"straight_through"`` (default), ``"soft"`` or ``"hard"``.
-        temperature: τ of the sigmoid relaxation, in units of θ (default 0.5).
-        reduction: ``"sum"`` over all N² pairs (default, as the paper) or ``"mean"`` (divided by N², batch-size
-            independent; rescale the weight accordingly).
-        selection: ``"dependency"`` (default, our reading of Eq. 14) or ``"difference"`` (Eq. 14 as printed).
+        sparse: apply the sparse selection; false is the dense Eq. {dense_eq}.
+        max_batch_size: number of β slots; must be >= the global batch size.
+        beta_init: initial β (0: κ = μ).
+        mask: how β learns through the hard mask: straight_through, soft or hard (β fixed).
+        temperature: τ of the sigmoid relaxation, in units of θ.
+        reduction: sum over all N² pairs (as the paper) or mean (divided by N², batch-size independent; rescale
+            the weight accordingly).
+        selection: what is compared with κ: dependency (our reading of Eq. 14) or difference (Eq. 14 as printed).
 
     Inputs: ``batch.image_embeds``/``text_embeds`` ``[N, D]`` (normalised) and ``batch.positive_mask``; returns a
     scalar.
@@ -446,8 +452,11 @@ class IntraSpatialLoss(_SparseSpatialTerm):
         return image_embeds @ image_embeds.t() - text_embeds @ text_embeds.t()
 
 
-InterSpatialLoss.__doc__ = InterSpatialLoss.__doc__.format(spatial=_SPATIAL_DOC.replace("{dense_eq}", "8"))
-IntraSpatialLoss.__doc__ = IntraSpatialLoss.__doc__.format(spatial=_SPATIAL_DOC.replace("{dense_eq}", "10"))
+# Both docstrings share the sparse-constraint text; ``python -OO`` strips docstrings, leaving nothing to fill in.
+if InterSpatialLoss.__doc__ is not None:
+    InterSpatialLoss.__doc__ = InterSpatialLoss.__doc__.format(spatial=_SPATIAL_DOC.replace("{dense_eq}", "8"))
+if IntraSpatialLoss.__doc__ is not None:
+    IntraSpatialLoss.__doc__ = IntraSpatialLoss.__doc__.format(spatial=_SPATIAL_DOC.replace("{dense_eq}", "10"))
 
 __all__ = [
     "DIAS_CITATION",

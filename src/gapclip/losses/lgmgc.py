@@ -8,12 +8,14 @@ applies (see also ``design.md``, "Our reading of LG-MGC").
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from .base import GapBatch, GapTerm, register_term
+from .base import DualEncoder, GapBatch, GapTerm, TermInput, register_term
 from .contrastive import InfoNCELoss
 
 LGMGC_CITATION = """@misc{lgmgc,
@@ -23,12 +25,9 @@ LGMGC_CITATION = """@misc{lgmgc,
         to us; complete this entry from the main paper.}
 }"""
 
-
-def _check_choice(term: str, option: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(
-            f"Gap term {term!r}: option {option}={value!r} is not valid; accepted values are {list(accepted)}."
-        )
+Fusion = Literal["concat", "max", "mean"]
+Distance = Literal["infonce", "kl", "l2"]
+OnMissing = Literal["error", "skip"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -68,10 +67,10 @@ class LSCLoss(GapTerm):
 
     Args:
         embed_dim: the model's embedding dimension (given by the registry).
-        k: local tokens selected per image and per caption (default 4, ``>= 1``).
-        fusion: ``"concat"`` (default), ``"max"`` or ``"mean"``.
+        k: local tokens selected per image and per caption (``>= 1``).
+        fusion: how the global embedding and its selected locals are fused: concat, max or mean.
 
-    Requirements: ``requires = {"local"}`` — the model then passes projected ``patch_embeds``/``patch_mask`` and
+    Requirements: ``requires = {"local"}``: the model then passes projected ``patch_embeds``/``patch_mask`` and
     ``token_embeds``/``token_mask``.
 
     Inputs:
@@ -97,19 +96,16 @@ class LSCLoss(GapTerm):
     """
 
     name: ClassVar[str] = "lsc"
-    default_options: ClassVar[dict[str, Any]] = {"k": 4, "fusion": "concat"}
     requires: ClassVar[frozenset[str]] = frozenset({"local"})
     citation: ClassVar[str] = LGMGC_CITATION
-    FUSIONS: ClassVar[tuple[str, ...]] = ("concat", "max", "mean")
+    FUSIONS: ClassVar[tuple[str, ...]] = typing.get_args(Fusion)
 
-    def __init__(self, embed_dim: int, **options: Any):
-        super().__init__(embed_dim, **options)
-        k = self.options["k"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    def __init__(self, embed_dim: int, *, k: int = 4, fusion: Fusion = "concat"):
+        super().__init__(embed_dim)
+        if k < 1:
             raise ValueError(f"Gap term 'lsc': option k must be an integer >= 1, got {k!r}.")
-        _check_choice("lsc", "fusion", self.options["fusion"], self.FUSIONS)
         self.k = k
-        self.fusion = self.options["fusion"]
+        self.fusion = fusion
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         if batch.patch_embeds is None or batch.token_embeds is None:
@@ -149,9 +145,6 @@ class LSCLoss(GapTerm):
         """Select the top-k locals of each row and fuse them with its global embedding; returns normalised rows."""
         selected, valid = select_top_k_locals(global_embeds, local_embeds, local_mask, self.k)
         return fuse_global_and_locals(global_embeds, selected, valid, self.fusion)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "fusion": self.fusion}
 
 
 def select_top_k_locals(
@@ -244,11 +237,12 @@ class GSTLoss(GapTerm):
 
     Args:
         embed_dim: the model's embedding dimension (given by the registry).
-        distance: ``"infonce"`` (default), ``"kl"`` or ``"l2"``.
-        on_missing: ``"error"`` (default) or ``"skip"``.
+        distance: the GST distance between an image and its translation: infonce, kl or l2.
+        on_missing: what a row without a translation does: error, or skip (left out of GST).
 
-    Requirements: ``requires = {"translation"}`` — the model encodes ``translation_input_ids`` with its text tower
-    into ``extras["translation_embeds"]`` (normalised) and ``extras["has_translation"]``.
+    Requirements: one input, the dataset's ``translation`` column (``inputs``), tokenised by the collator; the
+    term's :meth:`encode_inputs` encodes it with the model's own text tower into ``extras["translation_embeds"]``
+    (normalised) and ``extras["has_translation"]`` (rows that have one).
 
     Inputs:
         +----------------------------------------------+---------------------------+
@@ -268,30 +262,42 @@ class GSTLoss(GapTerm):
         >>> from gapclip.testing import tiny_clip_config
         >>> gst = {"name": "gst", "options": {"distance": "infonce", "on_missing": "skip"}}
         >>> config = GapClipConfig(tiny_clip_config(), gap_terms=[gst])
-        >>> model = GapClipModel(config)  # call with translation_input_ids=... and return_loss=True
+        >>> model = GapClipModel(config)  # call with term_inputs={"translation": {...}} and return_loss=True
     """
 
     name: ClassVar[str] = "gst"
-    default_options: ClassVar[dict[str, Any]] = {"distance": "infonce", "on_missing": "error"}
-    requires: ClassVar[frozenset[str]] = frozenset({"translation"})
     citation: ClassVar[str] = LGMGC_CITATION
-    DISTANCES: ClassVar[tuple[str, ...]] = ("infonce", "kl", "l2")
-    ON_MISSING: ClassVar[tuple[str, ...]] = ("error", "skip")
+    inputs: ClassVar[tuple[TermInput, ...]] = (
+        TermInput(
+            "translation", collate="text",
+            help="Give the dataset a 'translation' column: recipes/translate_images.py generates one per image, and "
+            "the recipes attach it with --translations FILE.jsonl.",
+        ),
+    )
+    DISTANCES: ClassVar[tuple[str, ...]] = typing.get_args(Distance)
+    ON_MISSING: ClassVar[tuple[str, ...]] = typing.get_args(OnMissing)
 
-    def __init__(self, embed_dim: int, **options: Any):
-        super().__init__(embed_dim, **options)
-        _check_choice("gst", "distance", self.options["distance"], self.DISTANCES)
-        _check_choice("gst", "on_missing", self.options["on_missing"], self.ON_MISSING)
-        self.distance = self.options["distance"]
-        self.on_missing = self.options["on_missing"]
+    def __init__(self, embed_dim: int, *, distance: Distance = "infonce", on_missing: OnMissing = "error"):
+        super().__init__(embed_dim)
+        self.distance = distance
+        self.on_missing = on_missing
         self.last_skipped = 0  # rows without a translation dropped by the last call (on_missing="skip")
+
+    def encode_inputs(self, inputs: Mapping[str, Any], model: DualEncoder) -> dict[str, torch.Tensor]:
+        """Encode the tokenised translations with the model's text tower (with gradients, like the captions)."""
+        translation = inputs["translation"]
+        embeds = model.get_text_features(translation["input_ids"], translation.get("attention_mask"))
+        present = translation.get("present")
+        if present is None:
+            present = torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        return {"translation_embeds": F.normalize(embeds, dim=-1), "has_translation": present.bool()}
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         if "translation_embeds" not in batch.extras:
             raise ValueError(
                 "Gap term 'gst' needs image translations: the batch has no extras['translation_embeds']. Give the "
-                "dataset a 'translation' column (recipes/translate_images.py makes one) so the collator passes "
-                "`translation_input_ids`."
+                "dataset a 'translation' column (recipes/translate_images.py makes one) so the collator passes it "
+                "in term_inputs."
             )
         return self.compute_loss_from_embeddings(
             batch.image_embeds, batch.extras["translation_embeds"], batch.text_embeds,
@@ -341,9 +347,6 @@ class GSTLoss(GapTerm):
             prediction = F.log_softmax(logit_scale * image_embeds @ text_embeds.t(), dim=1)
             return F.kl_div(prediction, target, reduction="batchmean", log_target=True)
         return (image_embeds - translation_embeds).pow(2).sum(dim=-1).mean()
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return {"distance": self.distance, "on_missing": self.on_missing}
 
 
 __all__ = ["GSTLoss", "LSCLoss", "fuse_global_and_locals", "select_top_k_locals"]

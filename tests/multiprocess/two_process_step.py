@@ -1,29 +1,35 @@
 """Check that a 2-process (gloo, CPU) training step equals the 1-process step on the concatenated batch.
 
-Run as ``torchrun --nproc_per_node 2 -m gapclip.testing_multiprocess SPEC.json OUT_DIR`` (each rank writes its
-loss, loss terms and DDP-averaged gradients), or call :func:`single_process_reference` for the 1-process side.
-Used by ``tests/multiprocess``; every registered term can be checked by passing its spec.
+Run as ``torchrun --nproc_per_node 2 -m tests.multiprocess.two_process_step SPEC.json OUT_DIR`` from the repository
+root (each rank writes its loss, loss terms and DDP-averaged gradients), or call :func:`single_process_reference` for
+the 1-process side. A spec names the objective (``gap_terms``, ``base_loss`` ...) and optionally a ``term_module``
+registering terms of one's own; the batch carries a value for every per-row input in :data:`INPUT_MAKERS`, and the
+model reads the ones its terms declare.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from .configuration import GapClipConfig
-from .modeling import GapClipModel
-from .testing import tiny_clip_config, tiny_siglip_config
+from gapclip.cli import import_term_modules
+from gapclip.configuration import GapClipConfig
+from gapclip.modeling import GapClipModel
+from gapclip.testing import tiny_clip_config, tiny_siglip_config
 
 GLOBAL_BATCH = 8
 TEACHER_DIM = 12
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_model(spec: dict[str, Any]) -> GapClipModel:
+    import_term_modules(",".join(str(REPO_ROOT / path) for path in spec.get("term_modules", [])))
     torch.manual_seed(spec.get("seed", 0))
     backbone = tiny_siglip_config() if spec.get("backbone") == "siglip" else tiny_clip_config()
     config = GapClipConfig(
@@ -41,8 +47,23 @@ def _unit_rows(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=generator, dtype=torch.float64), dim=-1)
 
 
-def make_batch(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A deterministic global batch with every optional input the terms may read (shared image index 0 = 1)."""
+def _translation(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(4, 60, (n, 6), generator=generator)
+    ids[:, 0], ids[:, -1] = 2, 3
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "present": torch.ones(n, dtype=torch.bool)}
+
+
+#: A deterministic global-batch value for each per-row input a term may declare (by input name).
+INPUT_MAKERS: dict[str, Callable[[int, torch.Generator], Any]] = {
+    "translation": _translation,  # GST: tokenised generated captions
+    "teacher_image_embeds": _unit_rows,  # CUSA
+    "teacher_text_embeds": _unit_rows,
+    "label": lambda n, generator: torch.randint(0, 3, (n,), generator=generator),  # examples/custom_term.py
+}
+
+
+def make_batch(spec: dict[str, Any]) -> dict[str, Any]:
+    """A deterministic global batch with every known term input (shared image index 0 = 1)."""
     generator = torch.Generator().manual_seed(spec.get("data_seed", 1))
     n, length = GLOBAL_BATCH, 9
     input_ids = torch.randint(4, 60, (n, length), generator=generator)
@@ -51,27 +72,30 @@ def make_batch(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
     input_ids[:, 0] = 2
     input_ids[torch.arange(n), lengths - 1] = 3
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    translation_ids = torch.randint(4, 60, (n, 6), generator=generator)
-    translation_ids[:, 0], translation_ids[:, -1] = 2, 3
     image_index = torch.arange(n)
     if spec.get("shared_image", True):
         image_index[1] = 0  # rows 0 and 1 show the same image: positives of each other
     pixel_values = torch.randn(n, 3, 32, 32, generator=generator, dtype=torch.float64)
     pixel_values[1] = pixel_values[0]
+    term_inputs = {name: make(n, generator) for name, make in INPUT_MAKERS.items()}
+    term_inputs["label"][1] = term_inputs["label"][0]  # one image, one label
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "pixel_values": pixel_values,
         "image_index": image_index,
-        "translation_input_ids": translation_ids,
-        "translation_attention_mask": torch.ones_like(translation_ids),
-        "has_translation": torch.ones(n, dtype=torch.bool),
-        "teacher_image_embeds": _unit_rows(n, generator),
-        "teacher_text_embeds": _unit_rows(n, generator),
+        "term_inputs": term_inputs,
     }
 
 
-def _step(model: GapClipModel, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def rows(value: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a batch value (tensors, nested dicts of tensors)."""
+    if isinstance(value, dict):
+        return {key: rows(item, start, stop) for key, item in value.items()}
+    return value[start:stop]
+
+
+def _step(model: GapClipModel, batch: dict[str, Any]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     outputs = model(**batch, return_loss=True)
     outputs.loss.backward()
@@ -98,8 +122,7 @@ def main(spec_path: str, out_dir: str) -> None:
         batch = make_batch(spec)
         # Uneven split on purpose (the last batch of an epoch): rank 0 gets 5 rows, rank 1 gets 3.
         bounds = [0, 5, GLOBAL_BATCH] if world == 2 else torch.linspace(0, GLOBAL_BATCH, world + 1).long().tolist()
-        local = {k: v[bounds[rank] : bounds[rank + 1]] for k, v in batch.items()}
-        values, grads = _step(model, local)
+        values, grads = _step(model, rows(batch, bounds[rank], bounds[rank + 1]))
         for name in sorted(grads):  # what DDP does: average the gradients over processes
             dist.all_reduce(grads[name])
             grads[name] /= world
