@@ -55,7 +55,9 @@ class RunSpec:
 
     @property
     def needs_teachers(self) -> bool:
-        return any(name in ("csa", "usa") for name, _, _ in self.gap_terms)
+        from .variants import TERM_NEEDS
+
+        return any("teacher" in TERM_NEEDS.get(name, ()) for name, _, _ in self.gap_terms)
 
 
 def run_key(spec: RunSpec, context_key: str) -> str:
@@ -158,7 +160,10 @@ def train_and_evaluate(spec: RunSpec, context: RunContext) -> dict[str, Any]:
     start = time.time()
     model = _new_model(spec, context)
     pairs = CaptionPairs(context.train, mode="one_per_image", seed=spec.seed)
-    collator = GapClipCollator(context.processor, teacher_store=context.teachers if spec.needs_teachers else None)
+    collator = GapClipCollator(
+        context.processor, term_inputs=model.declared_term_inputs,
+        input_providers=[context.teachers] if spec.needs_teachers else [],
+    )
     keep_best = KeepBestOnValidation(context.validation, context.processor, context.eval_batch_size)
     callbacks: list[Any] = [keep_best]
     sampler = None
