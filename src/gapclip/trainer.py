@@ -52,7 +52,9 @@ class GapClipTrainer(Trainer):
     - :meth:`evaluate` runs image↔text retrieval on a caption dataset (every image, all its captions) and returns
       ``eval_i2t_r1 … eval_rsum, eval_modality_gap``, so ``metric_for_best_model="rsum"`` and
       ``load_best_model_at_end`` work;
-    - reliability: a non-finite loss/gradient skips its step (see ``max_nonfinite_steps``); a checkpoint is written
+    - reliability: a non-finite loss/gradient skips its step (see ``max_nonfinite_steps``); skipped steps are
+      logged as ``skipped_steps`` (a count per logging window, and ``train_skipped_steps`` in the final metrics) and
+      left out of the averaged ``loss``/``loss_<term>`` and ``train_loss``; a checkpoint is written
       into a hidden staging folder and renamed to ``checkpoint-N`` only when complete, so a process killed while
       saving never leaves a half-written ``checkpoint-N`` for ``get_last_checkpoint``/resume to pick; the batch
       sampler's state (``state_dict``/``load_state_dict``) is saved with each checkpoint and restored on resume;
@@ -101,6 +103,14 @@ class GapClipTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._term_sums: dict[str, torch.Tensor | float] = {}
         self._term_count = 0
+        # The loss of the micro-batches of the current optimizer step, booked once the step is known to be finite.
+        self._step_loss: torch.Tensor | float = 0.0
+        self._step_terms: dict[str, torch.Tensor] = {}
+        self._step_micro_batches = 0
+        self._guard_step_booked = True
+        # Finite steps' summed loss / count and skipped steps, since the last log and since train() started.
+        self._window = {"loss": 0.0, "steps": 0, "skipped": 0}
+        self._session = {"loss": 0.0, "steps": 0, "skipped": 0}
         self.add_callback(EpochCallback(self.train_dataset, self.train_batch_sampler))
 
     def get_train_dataloader(self):
@@ -176,9 +186,8 @@ class GapClipTrainer(Trainer):
         """
         step = self.state.global_step
         if step != self._guard_step:  # first micro-batch of a new optimizer step
-            if self._guard_step is not None and not self._guard_step_bad:
-                self._consecutive_nonfinite = 0
-            self._guard_step, self._guard_step_bad = step, False
+            self._book_guard_step()
+            self._guard_step, self._guard_step_bad, self._guard_step_booked = step, False, False
         self._last_loss_terms = {}
         loss = super().training_step(model, inputs, num_items_in_batch)
         terms = self._last_loss_terms
@@ -190,10 +199,10 @@ class GapClipTrainer(Trainer):
         bad_terms = [name for name, ok in zip(terms, flags[1 : 1 + len(terms)]) if not ok]
         finite = all(flags)
         if finite and not self._guard_step_bad:
-            if terms:
-                for name, value in terms.items():  # summed on the device, read when logged
-                    self._term_sums[name] = self._term_sums.get(name, 0.0) + value.float()
-                self._term_count += 1
+            self._step_loss = self._step_loss + loss.detach().float()  # summed on the device, read when logged
+            for name, value in terms.items():
+                self._step_terms[name] = self._step_terms.get(name, 0.0) + value.float()
+            self._step_micro_batches += 1
             return loss
         model.zero_grad(set_to_none=True)
         if not finite and not self._guard_step_bad:
@@ -225,12 +234,46 @@ class GapClipTrainer(Trainer):
             return torch.ones((), dtype=torch.bool)
         return torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()
 
+    def _book_guard_step(self) -> None:
+        """Book the optimizer step whose micro-batches were seen last: its loss and terms into the averages, or, if it
+        was skipped, one more skipped step (its finite micro-batches included nowhere)."""
+        if self._guard_step is None or self._guard_step_booked:
+            return
+        self._guard_step_booked = True
+        if self._guard_step_bad:
+            self._window["skipped"] += 1
+            self._session["skipped"] += 1
+        else:
+            self._consecutive_nonfinite = 0
+            for totals in (self._window, self._session):
+                totals["loss"] = totals["loss"] + self._step_loss
+                totals["steps"] += 1
+            for name, value in self._step_terms.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+            self._term_count += self._step_micro_batches
+        self._step_loss, self._step_terms, self._step_micro_batches = 0.0, {}, 0
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._term_count:
-            for name, total in self._term_sums.items():
-                logs[f"loss_{name}"] = round(float(total) / self._term_count, 6)
-            self._term_sums.clear()
-            self._term_count = 0
+        if "loss" in logs and self._guard_step is not None:
+            if self.state.global_step > self._guard_step:  # the last step is complete: book it before logging
+                self._book_guard_step()
+            # The stock loss averages over every step of the window, a skipped one counting as 0: when steps were
+            # skipped, average over the finite steps only (summed over processes, like the stock gather).
+            counts = torch.tensor([self._window["steps"], self._window["skipped"]], dtype=torch.float64)
+            loss_sum = torch.as_tensor(self._window["loss"], dtype=torch.float64).reshape(1).cpu()
+            totals = self.accelerator.gather(torch.cat([loss_sum, counts]).to(self.args.device)).reshape(-1, 3).sum(0)
+            if totals[2] > 0:
+                logs["skipped_steps"] = int(totals[2])
+                if totals[1] > 0:
+                    logs["loss"] = float(totals[0] / totals[1])
+                else:
+                    del logs["loss"]
+            self._window = {"loss": 0.0, "steps": 0, "skipped": 0}
+            if self._term_count:
+                for name, total in self._term_sums.items():
+                    logs[f"loss_{name}"] = round(float(total) / self._term_count, 6)
+                self._term_sums.clear()
+                self._term_count = 0
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints and resume
@@ -242,7 +285,14 @@ class GapClipTrainer(Trainer):
                     raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             self._check_resume_objective(resume_from_checkpoint)
             self._load_sampler_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._session = {"loss": 0.0, "steps": 0, "skipped": 0}
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._book_guard_step()
+        if self._session["skipped"]:  # the stock train_loss counts skipped steps as 0
+            mean = float(self._session["loss"]) / max(self._session["steps"], 1)
+            metrics = {**output.metrics, "train_loss": mean, "train_skipped_steps": self._session["skipped"]}
+            output = output._replace(training_loss=mean, metrics=metrics)
+        return output
 
     def _check_resume_objective(self, checkpoint: str) -> None:
         """A checkpoint trained with another objective (terms, weights, options, base loss) is not this run's."""

@@ -137,3 +137,27 @@ def test_inf_gradient_with_a_finite_loss(tiny_demo_processor, tiny_demo_datasets
     else:
         assert trainer._consecutive_nonfinite == 1 and loss.item() == 0.0
         assert all(p.grad is None for p in model.parameters())  # zeroed: AdamW leaves every parameter untouched
+
+
+def test_skipped_steps_are_counted_and_left_out_of_the_logged_loss(lgmgc, probe, tiny_demo_root, tmp_path):
+    """A skipped step is logged as ``skipped_steps``, not as a loss of 0.0 averaged into the window."""
+    def logged(out, *extra):
+        probe.calls = 0
+        result = lgmgc.main(flags(out, 3, "--save_strategy", "no", *extra))
+        return result, [e for e in result["trainer"].state.log_history if "learning_rate" in e]  # training logs
+
+    probe.nan_calls = {2}  # optimizer step 2 of 3 is skipped
+    every_step, history = logged(tmp_path / "every")
+    by_step = {e["step"]: e for e in history}
+    assert "loss" in by_step[1] and "skipped_steps" not in by_step[1]
+    assert by_step[2]["skipped_steps"] == 1 and "loss" not in by_step[2]  # nothing finite to average
+    first, third = by_step[1]["loss"], by_step[3]["loss"]
+
+    windowed, history = logged(tmp_path / "windowed", "--logging_steps", "2")
+    (window,) = [e for e in history if e["step"] == 2]
+    assert window["skipped_steps"] == 1
+    assert window["loss"] == pytest.approx(first, rel=1e-6)  # the finite step alone, not (first + 0) / 2
+    assert window[f"loss_{TERM}"] == pytest.approx(by_step[1][f"loss_{TERM}"], rel=1e-6)
+    metrics = windowed["train"]
+    assert metrics["train_skipped_steps"] == 1
+    assert metrics["train_loss"] == pytest.approx((first + third) / 2, rel=1e-6)  # over the 2 finite steps
