@@ -25,6 +25,7 @@ from typing import Any
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from gapclip.console import run_recipe
 from gapclip.hub import export_backbone, push_exported
 
 logger = logging.get_logger(__name__)
@@ -115,4 +116,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

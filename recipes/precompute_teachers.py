@@ -30,6 +30,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from gapclip.cli import DataArguments, default_teacher_dir, load_datasets
+from gapclip.console import run_recipe
 from gapclip.teachers import CAPTIONS_IMAGE_TEACHER, IMAGE_POOLING, TeacherStore, check_coverage, precompute_teachers
 
 logger = hf_logging.get_logger(__name__)
@@ -112,4 +113,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

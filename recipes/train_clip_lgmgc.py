@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gapclip.argument_checks import check_choice, check_non_negative
 from gapclip.cli import parse_args, run_training
+from gapclip.console import run_recipe
+from gapclip.losses.lgmgc import GSTLoss, LSCLoss
 
 
 @dataclass
@@ -35,6 +38,15 @@ class LGMGCArguments:
     gst_weight: float = field(default=1.0, metadata={"help": "Weight of the GST term."})
     gst_distance: str = field(default="infonce", metadata={"help": "infonce | kl | l2"})
     gst_on_missing: str = field(default="error", metadata={"help": "error | skip (rows without a translation)."})
+
+    def __post_init__(self):
+        check_choice("--lsc_fusion", self.lsc_fusion, LSCLoss.FUSIONS)
+        check_choice("--gst_distance", self.gst_distance, GSTLoss.DISTANCES)
+        check_choice("--gst_on_missing", self.gst_on_missing, GSTLoss.ON_MISSING)
+        if self.lsc_k < 1:
+            raise ValueError(f"--lsc_k must be >= 1, got {self.lsc_k}.")
+        check_non_negative("--lsc_weight", self.lsc_weight)
+        check_non_negative("--gst_weight", self.gst_weight)
 
     def gap_terms(self) -> list[dict]:
         terms = []
@@ -54,4 +66,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

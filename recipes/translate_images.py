@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
 from gapclip.cli import DataArguments, load_datasets
+from gapclip.console import run_recipe
 from gapclip.translate import load_captioner, translate_images
 
 logger = logging.get_logger(__name__)
@@ -114,4 +115,4 @@ def main(argv: list[str] | None = None, *, captioner: Any = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -297,6 +297,7 @@ class _SparseSpatialTerm(GapTerm):
     """Shared machinery of ``dias_inter``/``dias_intra``: ``Σ_ij b_ij (difference_ij)²`` with learnable β slots."""
 
     citation: ClassVar[str] = DIAS_CITATION
+    MASKS: ClassVar[tuple[str, ...]] = ("straight_through", "soft", "hard")
     default_options: ClassVar[dict[str, Any]] = {
         "sparse": True,
         "max_batch_size": 512,
@@ -309,7 +310,7 @@ class _SparseSpatialTerm(GapTerm):
 
     def __init__(self, embed_dim: int, **options: Any):
         super().__init__(embed_dim, **options)
-        _check_choice(self.name, "mask", self.options["mask"], ("straight_through", "soft", "hard"))
+        _check_choice(self.name, "mask", self.options["mask"], self.MASKS)
         _check_choice(self.name, "reduction", self.options["reduction"], ("sum", "mean"))
         _check_choice(self.name, "selection", self.options["selection"], ("dependency", "difference"))
         max_batch_size = self.options["max_batch_size"]
