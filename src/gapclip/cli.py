@@ -578,7 +578,8 @@ def _report_finished(plan: Any, training_args: TrainingArguments) -> dict[str, A
         push = f"nothing pushed; to push this export: python recipes/export.py {export_dir} --push_to_hub " \
                f"--hub_model_id {repo_id}"
     if training_args.should_save:
-        print(format_summary(f"Already finished: {plan.message}", [
+        print(plan.message, flush=True)
+        print(format_summary("That run's results:", [
             ("model", str(out)),
             ("export", str(export_dir) if export_dir.is_dir() else None),
             ("tables", f"{out / 'retrieval.md'}, {rows_file}" if rows_file.is_file() else None),

@@ -239,7 +239,7 @@ def _differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[tuple[str
 def _finished_message(output_dir: str, record: dict[str, Any], training_args: Any) -> str:
     budget = (f"--max_steps {training_args.max_steps}" if training_args.max_steps > 0
               else f"--num_train_epochs {training_args.num_train_epochs:g}")
-    trained = f"{record.get('global_step')} steps, {float(record.get('epoch') or 0):g} epochs"
+    trained = f"{record.get('global_step')} steps, {float(record.get('epoch') or 0):.3g} epochs"
     return (
         f"{output_dir} already holds a finished run of this configuration ({trained}; {budget} asks for no more). "
         "Nothing was trained and no result was overwritten. To train longer, raise --max_steps or "
