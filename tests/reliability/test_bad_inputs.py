@@ -319,3 +319,17 @@ def test_a_folder_given_as_an_image_path_is_named_a_directory(tmp_path):
         load_caption_dataset("csv", csv_file, tmp_path / "images")
     assert "line 2" in str(info.value) and "is a directory, not an image file" in str(info.value)
     assert "photos" in str(info.value)
+
+
+def test_resume_from_a_checkpoint_of_another_objective_names_both(tiny_demo_root, tmp_path):
+    """--resume_from_checkpoint into a fresh folder: the trainer's own check of the checkpoint's objective."""
+    flags = tiny_flags(tmp_path / "first", "--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+                       "--skip_initial_eval", "true", terms=True)
+    run(flags, [{"name": "lsc", "weight": 1.0}])
+    checkpoint = tmp_path / "first" / "checkpoint-1"
+    with pytest.raises(ValueError) as info:
+        run([*flags, "--output_dir", str(tmp_path / "second"), "--max_steps", "2", "--resume_from_checkpoint",
+             str(checkpoint)], [{"name": "dias_dim", "weight": 1.0}])
+    message = str(info.value)
+    assert message.startswith(f"Cannot resume from {checkpoint}: it was trained with gap_terms=[{{'name': 'lsc'")
+    assert "'dias_dim'" in message and "fresh --output_dir" in message
