@@ -490,7 +490,8 @@ def _verify_images(splits: dict[str, Any], data_args: DataArguments, training_ar
         bad = sorted((b for part in gathered for b in part), key=lambda b: (order.index(b.split), b.row))
     train = splits[data_args.train_split]
     if not bad:
-        logger.warning(f"--verify_images: every image of {list(splits)} decodes.")
+        if training_args.process_index == 0:
+            logger.warning(f"--verify_images: every image of the {list(splits)} split(s) decodes.")
         return train
     in_train = [b for b in bad if b.split == data_args.train_split]
     if data_args.on_bad_image == "error" or len(in_train) < len(bad):
