@@ -396,7 +396,8 @@ def test_a_failed_push_keeps_the_export_and_says_how_to_push_it(tmp_path, monkey
     message = str(info.value)
     assert "Could not push to the Hub repository 'me/tiny' (ConnectionError: Failed to resolve" in message
     assert f"The export is complete on disk at {export_dir}" in message
-    assert {"config.json", "model.safetensors", "README.md", TRAINING_CONFIG_NAME} <= {p.name for p in export_dir.iterdir()}
+    files = {p.name for p in export_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", TRAINING_CONFIG_NAME} <= files
     assert json.loads((output_dir / RUN_RECORD_NAME).read_text())["status"] == "finished"
     assert not hub.uploads
 

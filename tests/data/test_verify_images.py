@@ -6,12 +6,13 @@ import io
 import logging
 
 import pytest
-from datasets import Dataset, DatasetDict, Image
+from datasets import Dataset
 from PIL import Image as PILImage
 
 from gapclip.data import CAPTION_FEATURES
 from gapclip.data.verify import find_bad_images, format_bad_images
 
+from ..reliability import save_with_bad_training_images
 from ..test_recipes import saved_clip  # noqa: F401  (a fixture)
 
 
@@ -68,17 +69,6 @@ def test_embedded_image_bytes_are_checked_too():
     assert bad.image_id == "b" and bad.path is None and "<image bytes stored in the dataset>" in bad.describe()
 
 
-def _saved_with_bad_training_images(tiny_demo_datasets, tmp_path, bad_rows) -> str:
-    train = tiny_demo_datasets["train"].select(range(16)).cast_column("image", Image(decode=False))
-    train = train.map(
-        lambda row, i: {"image": {"bytes": b"not an image", "path": None}} if i in bad_rows else {},
-        with_indices=True,
-    ).cast_column("image", Image())
-    DatasetDict({"train": train, "validation": tiny_demo_datasets["validation"],
-                 "test": tiny_demo_datasets["test"]}).save_to_disk(str(tmp_path / "hub"))
-    return str(tmp_path / "hub")
-
-
 def _flags(data, saved_clip, out, *extra):
     return [
         "--dataset", "hub", "--dataset_name", data, "--caption_column", "captions", "--id_column", "image_id",
@@ -94,14 +84,15 @@ def test_a_run_with_verify_images_stops_before_training(tiny_demo_datasets, save
 
     from ..reliability.conftest import run
 
-    data = _saved_with_bad_training_images(tiny_demo_datasets, tmp_path, {3, 9})
+    data = save_with_bad_training_images(tiny_demo_datasets, tmp_path / "hub", {3, 9})
     ids = [tiny_demo_datasets["train"]["image_id"][row] for row in (3, 9)]
     monkeypatch.setattr(GapClipTrainer, "__init__", lambda *a, **k: pytest.fail("verification let training start"))
     with pytest.raises(ValueError) as info:
         run(_flags(data, saved_clip, tmp_path / "out"), [])
     message = str(info.value)
     assert message.startswith("--verify_images found 2 unreadable image(s):")
-    assert f"image_id='{ids[0]}', split 'train', row 3)" in message and f"image_id='{ids[1]}', split 'train', row 9)" in message
+    for image_id, row in zip(ids, (3, 9)):
+        assert f"image_id='{image_id}', split 'train', row {row})" in message
     assert "--on_bad_image skip" in message
 
 
@@ -109,7 +100,7 @@ def test_verify_images_with_skip_leaves_the_bad_training_images_out(tiny_demo_da
                                                                    caplog):
     from ..reliability.conftest import run
 
-    data = _saved_with_bad_training_images(tiny_demo_datasets, tmp_path, {3})
+    data = save_with_bad_training_images(tiny_demo_datasets, tmp_path / "hub", {3})
     with caplog.at_level(logging.WARNING, logger="gapclip.cli"):
         result = run(_flags(data, saved_clip, tmp_path / "out", "--on_bad_image", "skip",
                             "--max_bad_image_fraction", "0.1"), [])

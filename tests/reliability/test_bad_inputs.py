@@ -28,6 +28,7 @@ from gapclip.testing import tiny_clip_config
 
 from ..conftest import clip_text_batch, pixel_batch
 from ..test_recipes import load_recipe, saved_clip, tiny_flags  # noqa: F401  (saved_clip is a fixture)
+from . import save_with_bad_training_images
 from .conftest import NoMethodArguments, run
 
 
@@ -78,17 +79,9 @@ def test_greyscale_and_rgba_images_just_work_end_to_end(tmp_path, mode, tiny_dem
 
 def test_skip_mode_counts_and_stops_past_the_fraction_in_a_run(tiny_demo_datasets, saved_clip, tmp_path, caplog):
     """`--on_bad_image skip` end to end: a warning with the running count, then an error past the fraction."""
-    from datasets import DatasetDict, Image
-
-    train = tiny_demo_datasets["train"].select(range(16)).cast_column("image", Image(decode=False))
     bad_rows = {3, 9}
-    bad_ids = [train["image_id"][i] for i in sorted(bad_rows)]
-    train = train.map(
-        lambda row, i: {"image": {"bytes": b"not an image", "path": None}} if i in bad_rows else {},
-        with_indices=True,
-    ).cast_column("image", Image())
-    DatasetDict({"train": train, "validation": tiny_demo_datasets["validation"],
-                 "test": tiny_demo_datasets["test"]}).save_to_disk(str(tmp_path / "hub"))
+    bad_ids = [tiny_demo_datasets["train"]["image_id"][i] for i in sorted(bad_rows)]
+    save_with_bad_training_images(tiny_demo_datasets, tmp_path / "hub", bad_rows)
     flags = [
         "--dataset", "hub", "--dataset_name", str(tmp_path / "hub"), "--caption_column", "captions",
         "--id_column", "image_id", "--model_name_or_path", str(saved_clip), "--max_steps", "4",

@@ -85,7 +85,8 @@ def test_a_kill_after_the_last_checkpoint_trains_nothing_more(lgmgc, tiny_demo_r
     monkeypatch.setattr(GapClipTrainer, "save_model", original)
     trained = []
     original_train = GapClipTrainer.train
-    monkeypatch.setattr(GapClipTrainer, "train", lambda self, *a, **k: trained.append(1) or original_train(self, *a, **k))
+    monkeypatch.setattr(GapClipTrainer, "train",
+                        lambda self, *a, **k: trained.append(1) or original_train(self, *a, **k))
     result = lgmgc.main(flags(out))
     assert not trained and result["trainer"].state.global_step == 4
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
