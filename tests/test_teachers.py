@@ -168,7 +168,7 @@ def test_cls_pooling_and_bad_inputs(dataset, vit_path, tmp_path):
         precompute_teachers(dataset["test"].remove_columns("captions"), output_dir=tmp_path)
 
 
-def test_recipe_takes_the_training_flags_and_writes_where_cusa_looks(tmp_path):
+def test_recipe_takes_the_training_flags_and_writes_where_cusa_looks(tmp_path, capsys):
     from gapclip.cli import DataArguments, default_teacher_dir
     from recipes.precompute_teachers import main
 
@@ -177,6 +177,7 @@ def test_recipe_takes_the_training_flags_and_writes_where_cusa_looks(tmp_path):
     expected = default_teacher_dir(DataArguments(dataset="demo", demo_train=3, demo_val=1, demo_test=2,
                                                  demo_image_size=32))
     assert path == expected / "teachers.safetensors"  # train_clip_cusa.py finds it with the same flags
+    assert f"Teacher embeddings ready: {path.resolve()}\n  covers:   6 images," in capsys.readouterr().out
     assert len(TeacherStore.load(path)) == 6
     only_test = main([*demo, "--splits", "test", "--output_dir", str(tmp_path / "t"), "--device", "cpu"])
     assert len(TeacherStore.load(only_test)) == 2
