@@ -19,13 +19,15 @@ from transformers.utils import logging
 
 from .argument_checks import check_model_path, parse_json_flag
 from .configuration import GapClipConfig, check_dual_encoder_config
+from .console import training_summary
 from .data import CaptionPairs, GapClipCollator, IterableCaptionPairs, load_caption_dataset, make_demo_processor
 from .data.demo import cache_root, make_demo_dataset
+from .data.verify import verify_splits
 from .evaluation import format_retrieval_table
 from .losses import validate_term_specs
 from .lora import load_gapclip_model
 from .modeling import GapClipModel
-from .run_state import plan_run, restore_final_checkpoint, run_configuration, write_run_record
+from .run_state import plan_run, report_finished, restore_final_checkpoint, run_configuration, write_run_record
 from .trainer import GapClipTrainer
 
 logger = logging.get_logger(__name__)
@@ -340,7 +342,8 @@ def run_training(
     configuration = run_configuration(model_args, data_args, lora_args, gap_terms)
     plan = plan_run(training_args, configuration)
     if plan.action == "finished":
-        return _report_finished(plan, training_args)
+        repo_id = _push_repo_id(training_args, True) if training_args.push_to_hub else None
+        return report_finished(plan, training_args, push_repo_id=repo_id)
     resume = plan.checkpoint
 
     # 3. data
@@ -351,10 +354,13 @@ def run_training(
     train = _limit(datasets[data_args.train_split], data_args.max_train_samples)
     evaluation = _limit(datasets[data_args.eval_split], data_args.max_eval_samples)
     test = _limit(datasets[data_args.test_split], data_args.max_eval_samples)
-    if data_args.verify_images:
-        train = _verify_images(
+    if data_args.verify_images:  # decode every image now, not when its row comes up (gapclip.data.verify)
+        train = verify_splits(
             {data_args.train_split: train, data_args.eval_split: evaluation, data_args.test_split: test},
-            data_args, training_args,
+            train_split=data_args.train_split, on_bad_image=data_args.on_bad_image,
+            max_bad_image_fraction=data_args.max_bad_image_fraction, rank=training_args.process_index,
+            world_size=training_args.world_size,
+            show_progress=not training_args.disable_tqdm and training_args.process_index == 0,
         )
     pair_options = {
         "mode": data_args.pair_mode, "seed": training_args.seed, "on_bad_image": data_args.on_bad_image,
@@ -435,7 +441,9 @@ def run_training(
             state=trainer.state, extra={"export_dir": str(export_dir)},
         )
         push_error = _push(export_dir, training_args) if push_to_hub else None
-        print(_run_summary(training_args, model, export_dir, push_to_hub, push_error), flush=True)
+        hub = None if not push_to_hub else (
+            "push FAILED (see the error below)" if push_error else f"pushed to {_push_repo_id(training_args, True)}")
+        print(training_summary(training_args.output_dir, model, export_dir, hub=hub), flush=True)
     if push_error is not None:
         raise push_error
     return {"rows": rows, "train": train_metrics, "trainer": trainer, "export_dir": export_dir}
@@ -461,8 +469,8 @@ def _check_train_split_size(pairs: CaptionPairs, data_args: DataArguments, train
         why = (f"one optimizer step needs {needed} (per_device_train_batch_size {args.per_device_train_batch_size} × "
                f"{args.world_size} process(es) × gradient_accumulation_steps {args.gradient_accumulation_steps}; "
                "--dataloader_drop_last drops incomplete batches)")
-        fixes = "a smaller --per_device_train_batch_size or --gradient_accumulation_steps, or --dataloader_drop_last " \
-                "false"
+        fixes = ("a smaller --per_device_train_batch_size or --gradient_accumulation_steps, or "
+                 "--dataloader_drop_last false")
     else:
         why, fixes = "a contrastive batch needs 2", "more images"
     raise ValueError(
@@ -470,43 +478,6 @@ def _check_train_split_size(pairs: CaptionPairs, data_args: DataArguments, train
         f"--pair_mode {data_args.pair_mode}{limit}), but {why}: nothing would be trained. Use more training data, or "
         f"{fixes}."
     )
-
-
-def _verify_images(splits: dict[str, Any], data_args: DataArguments, training_args: TrainingArguments) -> Any:
-    """``--verify_images``: decode every image of the used splits now; returns the training split (with
-    ``--on_bad_image skip``, without its unreadable images)."""
-    import torch.distributed as dist
-
-    from .data.verify import find_bad_images, format_bad_images
-
-    rank, world = training_args.process_index, training_args.world_size
-    show = not training_args.disable_tqdm and training_args.process_index == 0
-    bad = [b for name, split in splits.items()
-           for b in find_bad_images(split, split=name, rank=rank, world_size=world, show_progress=show)]
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, bad)
-        order = list(splits)
-        bad = sorted((b for part in gathered for b in part), key=lambda b: (order.index(b.split), b.row))
-    train = splits[data_args.train_split]
-    if not bad:
-        if training_args.process_index == 0:
-            logger.warning(f"--verify_images: every image of the {list(splits)} split(s) decodes.")
-        return train
-    in_train = [b for b in bad if b.split == data_args.train_split]
-    if data_args.on_bad_image == "error" or len(in_train) < len(bad):
-        hint = ("--on_bad_image skip leaves unreadable training images out" if data_args.on_bad_image == "error"
-                else "--on_bad_image skip applies to the training split only")
-        raise ValueError(f"{format_bad_images(bad)}\nFix or remove these files ({hint}; evaluation splits must be "
-                         "readable).")
-    if len(in_train) > data_args.max_bad_image_fraction * len(train):
-        raise ValueError(
-            format_bad_images(bad) + f"\n{len(in_train)} of {len(train)} training images are unreadable, more than "
-            f"--max_bad_image_fraction={data_args.max_bad_image_fraction}."
-        )
-    logger.warning(format_bad_images(bad) + "\nLeaving them out of training (--on_bad_image skip).")
-    bad_rows = {b.row for b in in_train}
-    return train.select([row for row in range(len(train)) if row not in bad_rows])
 
 
 def _record_training_run(model: GapClipModel, training_args: TrainingArguments, data_args: DataArguments,
@@ -530,64 +501,6 @@ def _record_training_run(model: GapClipModel, training_args: TrainingArguments, 
             "translations": bool(data_args.translations) or data_args.dataset == "demo",
         },
     }
-
-
-def _lora_state(model: GapClipModel) -> str:
-    from .lora import LORA_CONFIG_KEY, MERGED_LORA_CONFIG_KEY
-
-    kept, merged = getattr(model.config, LORA_CONFIG_KEY, None), getattr(model.config, MERGED_LORA_CONFIG_KEY, None)
-    settings = kept or merged
-    if not settings:
-        return "off (the whole backbone was trained)"
-    how = "adapters kept in the checkpoint, merged in the export" if kept else "merged into the saved weights"
-    return f"on (r={settings['r']}, alpha={settings['alpha']}, dropout={settings['dropout']}); {how}"
-
-
-def _run_summary(training_args: TrainingArguments, model: GapClipModel, export_dir: Path | None, push_to_hub: bool,
-                 push_error: Exception | None) -> str:
-    from .console import format_summary
-    from .run_state import RUN_RECORD_NAME
-
-    out = Path(training_args.output_dir).resolve()
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-    architecture = type(getattr(model.backbone, "get_base_model", lambda: model.backbone)()).__name__
-    hub = None
-    if push_to_hub:
-        hub = "push FAILED (see the error below)" if push_error else f"pushed to {_push_repo_id(training_args, True)}"
-    return format_summary(f"Run finished: {out}", [
-        ("model", f"{out} (gapclip checkpoint: AutoModel.from_pretrained after `import gapclip`)"),
-        ("export", f"{export_dir.resolve()} (plain {architecture} + processor + model card)" if export_dir else None),
-        ("tables", f"{out / 'retrieval.md'}, {out / 'retrieval.json'}"),
-        ("metrics", f"{out / 'all_results.json'}, {out / 'trainer_state.json'}"),
-        ("checkpoints", f"{len(checkpoints)} in {out} (last: {checkpoints[-1].name})" if checkpoints else "none kept"),
-        ("LoRA", _lora_state(model)),
-        ("Hub", hub),
-        ("run record", f"{out / RUN_RECORD_NAME}"),
-    ])
-
-
-def _report_finished(plan: Any, training_args: TrainingArguments) -> dict[str, Any]:
-    """The folder already holds this configuration's finished run: say so, touch nothing, return its results."""
-    from .console import format_summary
-
-    out = Path(training_args.output_dir).resolve()
-    rows_file, export_dir = out / "retrieval.json", out / "export"
-    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else {}
-    push = None
-    if training_args.push_to_hub:
-        repo_id = _push_repo_id(training_args, True)
-        push = f"nothing pushed; to push this export: python recipes/export.py {export_dir} --push_to_hub " \
-               f"--hub_model_id {repo_id}"
-    if training_args.should_save:
-        print(plan.message, flush=True)
-        print(format_summary("That run's results:", [
-            ("model", str(out)),
-            ("export", str(export_dir) if export_dir.is_dir() else None),
-            ("tables", f"{out / 'retrieval.md'}, {rows_file}" if rows_file.is_file() else None),
-            ("Hub", push),
-        ]), flush=True)
-    return {"rows": rows, "train": {}, "trainer": None, "export_dir": export_dir if export_dir.is_dir() else None,
-            "already_finished": True}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ DEBUG_ENV = "GAPCLIP_DEBUG"
 USAGE_ERRORS = (ValueError, TypeError, OSError, ImportError, KeyError)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
-__all__ = ["DEBUG_ENV", "format_summary", "run_recipe"]
+__all__ = ["DEBUG_ENV", "format_summary", "run_recipe", "training_summary"]
 
 
 def run_recipe(main: Callable[[], Any]) -> Any:
@@ -70,3 +70,34 @@ def format_summary(title: str, items: Sequence[tuple[str, Any]]) -> str:
     kept = [(label, value) for label, value in items if value is not None]
     width = max((len(label) for label, _ in kept), default=0)
     return "\n".join([title, *(f"  {label + ':':<{width + 1}} {value}" for label, value in kept)])
+
+
+def training_summary(output_dir: str | os.PathLike, model: Any, export_dir: Path | None, *, hub: str | None) -> str:
+    """Where a training run wrote what (model, export, tables, metrics, checkpoints), whether LoRA was on, the push."""
+    from .run_state import RUN_RECORD_NAME
+
+    out = Path(output_dir).resolve()
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    architecture = type(getattr(model.backbone, "get_base_model", lambda: model.backbone)()).__name__
+    return format_summary(f"Run finished: {out}", [
+        ("model", f"{out} (gapclip checkpoint: AutoModel.from_pretrained after `import gapclip`)"),
+        ("export", f"{export_dir.resolve()} (plain {architecture} + processor + model card)" if export_dir else None),
+        ("tables", f"{out / 'retrieval.md'}, {out / 'retrieval.json'}"),
+        ("metrics", f"{out / 'all_results.json'}, {out / 'trainer_state.json'}"),
+        ("checkpoints", f"{len(checkpoints)} in {out} (last: {checkpoints[-1].name})" if checkpoints else "none kept"),
+        ("LoRA", lora_state(model.config)),
+        ("Hub", hub),
+        ("run record", f"{out / RUN_RECORD_NAME}"),
+    ])
+
+
+def lora_state(config: Any) -> str:
+    """Whether LoRA was on, with which settings, and where the adapters ended up."""
+    from .lora import LORA_CONFIG_KEY, MERGED_LORA_CONFIG_KEY
+
+    kept, merged = getattr(config, LORA_CONFIG_KEY, None), getattr(config, MERGED_LORA_CONFIG_KEY, None)
+    settings = kept or merged
+    if not settings:
+        return "off (the whole backbone was trained)"
+    how = "adapters kept in the checkpoint, merged in the export" if kept else "merged into the saved weights"
+    return f"on (r={settings['r']}, alpha={settings['alpha']}, dropout={settings['dropout']}); {how}"

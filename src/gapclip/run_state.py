@@ -247,6 +247,29 @@ def _finished_message(output_dir: str, record: dict[str, Any], training_args: An
     )
 
 
+def report_finished(plan: RunPlan, training_args: Any, *, push_repo_id: str | None = None) -> dict[str, Any]:
+    """For a ``"finished"`` plan: say so (main process), touch nothing, and return the run's recorded results in the
+    shape ``run_training`` returns (``trainer`` None, ``already_finished`` True)."""
+    from .console import format_summary
+
+    out = Path(training_args.output_dir).resolve()
+    rows_file, export_dir = out / "retrieval.json", out / "export"
+    rows = json.loads(rows_file.read_text(encoding="utf-8")) if rows_file.is_file() else {}
+    if training_args.should_save:
+        push = None if push_repo_id is None else (
+            f"nothing pushed; to push this export: python recipes/export.py {export_dir} --push_to_hub "
+            f"--hub_model_id {push_repo_id}")
+        print(plan.message, flush=True)
+        print(format_summary("That run's results:", [
+            ("model", str(out)),
+            ("export", str(export_dir) if export_dir.is_dir() else None),
+            ("tables", f"{out / 'retrieval.md'}, {rows_file}" if rows_file.is_file() else None),
+            ("Hub", push),
+        ]), flush=True)
+    return {"rows": rows, "train": {}, "trainer": None, "export_dir": export_dir if export_dir.is_dir() else None,
+            "already_finished": True}
+
+
 def clear_output_dir(output_dir: str | os.PathLike) -> list[str]:
     """Delete an earlier run's checkpoints and results from ``output_dir`` (``--overwrite_output_dir``)."""
     folder = Path(output_dir)
@@ -308,6 +331,7 @@ __all__ = [
     "holds_a_run",
     "plan_run",
     "read_run_record",
+    "report_finished",
     "restore_final_checkpoint",
     "run_configuration",
     "write_run_record",

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .pairs import decode_image
 
-__all__ = ["BadImage", "find_bad_images", "format_bad_images"]
+__all__ = ["BadImage", "find_bad_images", "format_bad_images", "verify_splits"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,52 @@ def format_bad_images(bad: Sequence[BadImage], *, flag: str = "--verify_images")
     """One report of every bad image, one per line."""
     lines = "\n".join(f"  {image.describe()}" for image in bad)
     return f"{flag} found {len(bad)} unreadable image(s):\n{lines}"
+
+
+def verify_splits(
+    splits: dict[str, Dataset],
+    *,
+    train_split: str,
+    on_bad_image: str = "error",
+    max_bad_image_fraction: float = 0.01,
+    rank: int = 0,
+    world_size: int = 1,
+    show_progress: bool = True,
+) -> Dataset:
+    """Decode every image of ``splits`` (``{name: split}``); return the training split, checked.
+
+    Any unreadable image is a ``ValueError`` listing every one of them, except with ``on_bad_image="skip"``, where
+    unreadable *training* images are left out (with that list as a warning) as long as they are at most
+    ``max_bad_image_fraction`` of the split; evaluation splits must be readable either way. Under several processes
+    each decodes its share of the rows and the lists are gathered (``torch.distributed``), so all get the same split.
+    """
+    import torch.distributed as dist
+    from transformers.utils import logging
+
+    logger = logging.get_logger(__name__)
+    bad = [b for name, split in splits.items()
+           for b in find_bad_images(split, split=name, rank=rank, world_size=world_size, show_progress=show_progress)]
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, bad)
+        order = list(splits)
+        bad = sorted((b for part in gathered for b in part), key=lambda b: (order.index(b.split), b.row))
+    train = splits[train_split]
+    if not bad:
+        if rank == 0:
+            logger.warning(f"--verify_images: every image of the {list(splits)} split(s) decodes.")
+        return train
+    in_train = [b for b in bad if b.split == train_split]
+    if on_bad_image == "error" or len(in_train) < len(bad):
+        hint = ("--on_bad_image skip leaves unreadable training images out" if on_bad_image == "error"
+                else "--on_bad_image skip applies to the training split only")
+        raise ValueError(f"{format_bad_images(bad)}\nFix or remove these files ({hint}; evaluation splits must be "
+                         "readable).")
+    if len(in_train) > max_bad_image_fraction * len(train):
+        raise ValueError(
+            f"{format_bad_images(bad)}\n{len(in_train)} of {len(train)} training images are unreadable, more than "
+            f"--max_bad_image_fraction={max_bad_image_fraction}."
+        )
+    logger.warning(f"{format_bad_images(bad)}\nLeaving them out of training (--on_bad_image skip).")
+    bad_rows = {b.row for b in in_train}
+    return train.select([row for row in range(len(train)) if row not in bad_rows])
