@@ -515,4 +515,5 @@ def test_card_names_the_base_model_it_was_fine_tuned_from(tmp_path, demo_process
     model.backbone.config._name_or_path = str(local)  # a local base: named in the text, not in the Hub metadata
     card = ModelCard.load(export_backbone(model, tmp_path / "export2") / "README.md")
     assert card.data.base_model is None and card.data.model_name == "my-clip-lgmgc+dias"
-    assert f"fine-tuned from `{local}`" in card.text and "- **Base model:** `" in card.text
+    assert "fine-tuned from the local model `my-clip` with LG-MGC+DIAS" in card.text and str(local) not in card.text
+    assert "- **Base model:** the local model `my-clip`" in card.text

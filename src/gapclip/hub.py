@@ -408,7 +408,7 @@ def render_model_card(
         model_name=model_name,
         repo_id=repo_id or f"path/to/{folder_name}",
         base_model=base_model,
-        base_reference=base_model or base_reference,
+        base_text=_base_text(base_model, base_reference),
         method=method,
         backbone_family=_FAMILY_NAMES.get(family, family),
         architecture=type(backbone).__name__,
@@ -450,6 +450,14 @@ def _default_model_name(repo_id: str | None, base: str | None, family: str, meth
     return f"{stem}-{re.sub(r'[^a-z0-9+]+', '', method.lower())}"
 
 
+def _base_text(hub_id: str | None, name_or_path: str | None) -> str | None:
+    """How the card names the base model: its Hub id, or a local folder by its name only (a public card should not
+    show the trainer's file system; ``gapclip_training.json`` keeps the full path)."""
+    if hub_id:
+        return f"`{hub_id}`"
+    return f"the local model `{Path(name_or_path.rstrip('/')).name}`" if name_or_path else None
+
+
 def _embedding_dim(config: Any) -> int | None:
     """Width of the retrieval embeddings: the projection of CLIP / VisionTextDualEncoder, SigLIP's text head."""
     if getattr(config, "projection_dim", None):
@@ -476,7 +484,10 @@ def _describe_training_data(data: Mapping[str, Any] | None) -> str | None:
     if data.get("source") == "demo":
         what = "the offline synthetic gapclip demo set (coloured shapes with generated captions)"
     else:
-        where = f", `{data['location']}`" if data.get("location") else ""
+        location = data.get("location")
+        if location and not _hub_id(location):  # a local file: its name, not the trainer's file system
+            location = Path(location).name
+        where = f", `{location}`" if location else ""
         what = f"the `{data.get('split')}` split of `{data.get('name')}` ({data.get('source')}{where})"
     sizes = ""
     if data.get("images") is not None:
