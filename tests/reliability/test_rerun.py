@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -65,9 +66,15 @@ def test_a_raised_budget_resumes_with_a_warning_and_keeps_the_before_row(lgmgc, 
     assert list(rows) == ["before training", "after training"] and rows["before training"] == before
 
 
-def test_a_kill_after_the_last_checkpoint_trains_nothing_more(lgmgc, tiny_demo_root, tmp_path, monkeypatch):
-    """Killed after checkpoint-4 was saved (here: while saving the final model): the rerun loads checkpoint-4,
-    evaluates and exports; the stock Trainer would have trained a fifth step."""
+BEST_MODEL = ("--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end", "true")
+
+
+@pytest.mark.parametrize("best", [False, True], ids=["last_model", "load_best_model_at_end"])
+def test_a_kill_after_the_last_checkpoint_trains_nothing_more(lgmgc, tiny_demo_root, tmp_path, monkeypatch, best):
+    """Killed after checkpoint-4 was saved (here: while saving the final model): the rerun loads checkpoint-4 (and,
+    with --load_best_model_at_end, the best checkpoint), evaluates and exports; the stock Trainer would have trained
+    a fifth step. The result is the uninterrupted run's."""
+    extra = BEST_MODEL if best else ()
     out = tmp_path / "out"
     original = GapClipTrainer.save_model
 
@@ -78,7 +85,7 @@ def test_a_kill_after_the_last_checkpoint_trains_nothing_more(lgmgc, tiny_demo_r
 
     monkeypatch.setattr(GapClipTrainer, "save_model", killed)
     with pytest.raises(KeyboardInterrupt):
-        lgmgc.main(flags(out))
+        lgmgc.main(flags(out, *extra))
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not (out / "retrieval.json").exists()
     assert json.loads((out / RUN_RECORD_NAME).read_text())["status"] == "running"
 
@@ -87,14 +94,17 @@ def test_a_kill_after_the_last_checkpoint_trains_nothing_more(lgmgc, tiny_demo_r
     original_train = GapClipTrainer.train
     monkeypatch.setattr(GapClipTrainer, "train",
                         lambda self, *a, **k: trained.append(1) or original_train(self, *a, **k))
-    result = lgmgc.main(flags(out))
+    result = lgmgc.main(flags(out, *extra))
     assert not trained and result["trainer"].state.global_step == 4
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     rows = json.loads((out / "retrieval.json").read_text())
     assert list(rows) == ["before training", "after training"]  # the first part's "before" row is kept
     assert json.loads((out / RUN_RECORD_NAME).read_text())["status"] == "finished"
 
-    clean = lgmgc.main(flags(tmp_path / "clean"))  # the same as an uninterrupted run
+    clean = lgmgc.main(flags(tmp_path / "clean", *extra))  # the same as an uninterrupted run
+    if best:
+        chosen = [Path(r["trainer"].state.best_model_checkpoint).name for r in (result, clean)]
+        assert chosen[0] == chosen[1] and chosen[0].startswith("checkpoint-")
     assert {k: v for k, v in rows["after training"].items() if "runtime" not in k and "per_second" not in k} == {
         k: v for k, v in clean["rows"]["after training"].items() if "runtime" not in k and "per_second" not in k}
 
