@@ -25,6 +25,7 @@ BENCHMARKS = [  # (script, result name)
     ("bench_eval_scale.py", "eval_scale"),
     ("bench_teacher_precompute.py", "teacher_precompute"),
     ("bench_scaling.py", "scaling"),
+    ("bench_verify_images.py", "verify_images"),
 ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from gapclip.ablation import Variant, run_ablation
 from gapclip.cli import parse_args
+from gapclip.console import run_recipe
 
 from train_clip_lgmgc import LGMGCArguments  # noqa: E402  (sibling recipe)
 
@@ -46,4 +47,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

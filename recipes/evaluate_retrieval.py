@@ -12,7 +12,8 @@ and `--plots` for the similarity-map and modality-gap pictures.
 
 from __future__ import annotations
 
+from gapclip.console import run_recipe
 from gapclip.evaluate_cli import main
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -10,6 +10,13 @@ and optionally pushes that folder to a model repository:
 
     python recipes/export.py outputs/demo outputs/demo-release --push_to_hub --hub_model_id me/clip-lgmgc
 
+An existing export (e.g. ``OUTPUT_DIR/export`` of a training run whose push failed) is pushed as it is:
+
+    python recipes/export.py outputs/demo/export --push_to_hub --hub_model_id me/clip-lgmgc
+
+The card's hyper-parameters (learning rate, schedule, batch size, ...) and training-data description are those the
+training run recorded in the checkpoint's config, so this export's card is the one written at the end of the run.
+
 ``--eval_results`` takes ``retrieval.json`` (its "after training" row) or ``test_results.json`` written by a
 training recipe, or ``{dataset: {"i2t_r1": ..., "rsum": ..., "modality_gap": ...}}`` for several datasets.
 """
@@ -26,15 +33,21 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from gapclip.cli import import_term_modules
-from gapclip.hub import export_backbone, push_exported
+from gapclip.console import format_summary, run_recipe
+from gapclip.hub import TRAINING_CONFIG_NAME, export_backbone, push_exported, push_failed_error
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
 class ExportArguments:
-    checkpoint: str = field(metadata={"help": "A gapclip checkpoint folder (a training output_dir or checkpoint-N)."})
-    output_dir: str = field(metadata={"help": "Folder the release is written to."})
+    checkpoint: str = field(
+        metadata={"help": "A gapclip checkpoint folder (a training output_dir or checkpoint-N), or an existing "
+                          "export to push as it is."}
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Folder the release is written to (not for an existing export)."}
+    )
     keep_lora: bool = field(
         default=False, metadata={"help": "Write LoRA adapters in peft format instead of merging them."}
     )
@@ -60,8 +73,30 @@ class ExportArguments:
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (owner/name).")
+        if is_export(self.checkpoint):
+            if not self.push_to_hub:
+                raise ValueError(
+                    f"{self.checkpoint!r} already is an export: add --push_to_hub --hub_model_id OWNER/NAME to upload "
+                    "it as it is, or give the training checkpoint it came from to export it again."
+                )
+            if self.output_dir and Path(self.output_dir).resolve() != Path(self.checkpoint).resolve():
+                raise ValueError(f"{self.checkpoint!r} is an export: it is pushed as is, without --output_dir.")
+            return
         if not Path(self.checkpoint, "config.json").is_file():
             raise ValueError(f"--checkpoint {self.checkpoint!r} is not a checkpoint folder (no config.json).")
+        if not self.output_dir:
+            raise ValueError("--output_dir (the second positional argument) is required: where the release goes.")
+
+
+def is_export(folder: str) -> bool:
+    """Whether ``folder`` is what ``export_backbone`` writes (a native model or adapter with its training record)."""
+    folder = Path(folder)
+    if not (folder / TRAINING_CONFIG_NAME).is_file():
+        return False
+    if (folder / "adapter_config.json").is_file():
+        return True
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") != "gapclip"
 
 
 def read_eval_results(path: str, dataset_name: str) -> dict[str, Any]:
@@ -96,6 +131,9 @@ def main(argv: list[str] | None = None) -> Path:
         (args,) = parser.parse_args_into_dataclasses(args=positional_to_flags(argv))
     logging.set_verbosity_info()
 
+    if is_export(args.checkpoint):  # already exported (e.g. a training run whose push failed): push it as it is
+        return _push(Path(args.checkpoint), args, exported=False)
+
     # 2. processor and results
     processor = None
     if args.processor_name_or_path:
@@ -114,11 +152,22 @@ def main(argv: list[str] | None = None) -> Path:
         eval_results=eval_results, eval_split=args.eval_split, card_data=card_data, repo_id=args.hub_model_id,
     )
 
-    # 4. push
+    # 4. push, and where everything went
+    return _push(output_dir, args, exported=True)
+
+
+def _push(output_dir: Path, args: ExportArguments, *, exported: bool) -> Path:
     if args.push_to_hub:
-        push_exported(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+        try:
+            push_exported(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+        except Exception as err:  # noqa: BLE001 - whatever the Hub client raised, the export is safe on disk
+            raise push_failed_error(output_dir, args.hub_model_id, err) from err
+    print(format_summary(f"Export {'written' if exported else 'unchanged'}: {output_dir.resolve()}", [
+        ("card", output_dir.resolve() / "README.md"),
+        ("Hub", f"pushed to {args.hub_model_id}" if args.push_to_hub else None),
+    ]), flush=True)
     return output_dir
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

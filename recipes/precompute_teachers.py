@@ -30,6 +30,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from gapclip.cli import DataArguments, default_teacher_dir, load_datasets
+from gapclip.console import format_summary, run_recipe
 from gapclip.teachers import CAPTIONS_IMAGE_TEACHER, IMAGE_POOLING, TeacherStore, check_coverage, precompute_teachers
 
 logger = hf_logging.get_logger(__name__)
@@ -108,8 +109,12 @@ def main(argv: list[str] | None = None) -> Path:
     store = TeacherStore.load(path)
     counts = check_coverage(store, dataset)
     logger.info(f"{store} covers {counts['num_images']} images and {counts['num_captions']} captions: {path}")
+    print(format_summary(f"Teacher embeddings ready: {Path(path).resolve()}", [
+        ("covers", f"{counts['num_images']} images, {counts['num_captions']} captions"),
+        ("teachers", f"text {store.text_teacher}, image {store.image_teacher}"),
+    ]), flush=True)
     return path
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

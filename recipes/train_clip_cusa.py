@@ -18,7 +18,9 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from gapclip.argument_checks import check_non_negative
 from gapclip.cli import DataArguments, default_teacher_dir, load_datasets, parse_args, run_training, term_option_field
+from gapclip.console import run_recipe
 from gapclip.teachers import DEFAULT_TEXT_TEACHER_NAME, TeacherStore, check_coverage, precompute_teachers
 
 logger = logging.get_logger(__name__)
@@ -45,6 +47,13 @@ class CUSAArguments:
         default="captions", metadata={"help": "Vision model (AutoModel) or 'captions' (mean caption embedding)."}
     )
     teacher_batch_size: int = field(default=64, metadata={"help": "Batch size of the teacher precompute."})
+
+    def __post_init__(self):
+        check_non_negative("--csa_weight", self.csa_weight)
+        check_non_negative("--usa_weight", self.usa_weight)
+        check_non_negative("--teacher_temperature", self.teacher_temperature, strictly=True)
+        if self.teacher_batch_size < 1:
+            raise ValueError(f"--teacher_batch_size must be >= 1, got {self.teacher_batch_size}.")
 
     def gap_terms(self) -> list[dict]:
         options = {"teacher_temperature": self.teacher_temperature}
@@ -88,4 +97,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

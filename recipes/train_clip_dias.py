@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 from safetensors.torch import load_file
 
+from gapclip.argument_checks import check_declared_choices, check_non_negative
 from gapclip.cli import parse_args, run_training, term_option_field
+from gapclip.console import run_recipe
 from gapclip.data.kmeans_sampler import KMeansBatchSampler, KMeansRefreshCallback
 from gapclip.inference import embed_images
 
@@ -43,6 +45,17 @@ class DIASArguments:
         default=None, metadata={"help": "safetensors with 'image_embeds' [N, d] to cluster (default: the model's)."}
     )
     recluster_every: int = field(default=1, metadata={"help": "Re-embed and re-cluster every N epochs."})
+
+    def __post_init__(self):
+        check_declared_choices(self)  # the terms' own choices (term_option_field), for config files too
+        for flag, weight in (("--dim_weight", self.dim_weight), ("--inter_weight", self.inter_weight),
+                             ("--intra_weight", self.intra_weight)):
+            check_non_negative(flag, weight)
+        counts = {"--images_per_cluster": self.images_per_cluster, "--recluster_every": self.recluster_every,
+                  "--num_clusters": 1 if self.num_clusters is None else self.num_clusters}
+        for flag, count in counts.items():
+            if count < 1:
+                raise ValueError(f"{flag} must be >= 1, got {count}.")
 
     def gap_terms(self) -> list[dict]:
         spatial = {"sparse": self.sparse, "mask": self.mask, "selection": self.selection}
@@ -110,4 +123,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

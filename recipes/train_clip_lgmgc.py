@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gapclip.argument_checks import check_declared_choices, check_non_negative
 from gapclip.cli import parse_args, run_training, term_option_field
+from gapclip.console import run_recipe
 
 
 @dataclass
@@ -36,6 +38,13 @@ class LGMGCArguments:
     gst_weight: float = field(default=1.0, metadata={"help": "Weight of the GST term."})
     gst_distance: str = term_option_field("gst", "distance")
     gst_on_missing: str = term_option_field("gst", "on_missing")
+
+    def __post_init__(self):
+        check_declared_choices(self)  # the terms' own choices (term_option_field), for config files too
+        if self.lsc_k < 1:
+            raise ValueError(f"--lsc_k must be >= 1, got {self.lsc_k}.")
+        check_non_negative("--lsc_weight", self.lsc_weight)
+        check_non_negative("--gst_weight", self.gst_weight)
 
     def gap_terms(self) -> list[dict]:
         terms = []
@@ -55,4 +64,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging as std_logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -26,6 +27,7 @@ from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
 from gapclip.cli import DataArguments, load_datasets
+from gapclip.console import format_summary, run_recipe
 from gapclip.translate import load_captioner, translate_images
 
 logger = logging.get_logger(__name__)
@@ -110,8 +112,12 @@ def main(argv: list[str] | None = None, *, captioner: Any = None) -> str:
 
     # 6. Done
     logger.info(f"Translations written to {args.output_file}; train with --translations {args.output_file}.")
+    print(format_summary(f"Translations written: {Path(args.output_file).resolve()}", [
+        ("splits", ", ".join(splits)),
+        ("next", f"train with --translations {Path(args.output_file).resolve()}"),
+    ]), flush=True)
     return args.output_file
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -39,3 +39,22 @@ def test_ablation_runner_end_to_end(runner, tmp_path, monkeypatch):
     assert list(saved) == EXPECTED_ROWS[runner]
     table = (tmp_path / "out" / "ablation.md").read_text()
     assert all(f"| {name}" in table for name in EXPECTED_ROWS[runner])
+
+
+def test_a_rerun_reuses_the_finished_variants(tiny_demo_root, tmp_path, capsys):
+    """Each variant has its own output folder: running the ablation again trains nothing and gives the same table."""
+    from gapclip.ablation import Variant, run_ablation
+    from gapclip.cli import parse_args
+
+    from .reliability.conftest import NoMethodArguments
+
+    model_args, data_args, _, lora_args, training_args = parse_args(
+        NoMethodArguments, tiny_flags(tmp_path / "out", "--max_steps", "2", terms=True))
+    variants = [Variant("Baseline"), Variant("+LSC", [{"name": "lsc", "weight": 1.0}])]
+    first = run_ablation(variants, model_args, data_args, training_args, title="t", lora_args=lora_args)
+    assert "Ablation finished" in capsys.readouterr().out
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("model.safetensors")}
+    again = run_ablation(variants, model_args, data_args, training_args, title="t", lora_args=lora_args)
+    assert again == first
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("model.safetensors")} == stamps
+    assert capsys.readouterr().out.count("already holds a finished run of this configuration") == 2

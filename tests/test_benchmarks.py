@@ -21,6 +21,7 @@ SCRIPTS = {
     "bench_eval_scale": "eval_scale",
     "bench_teacher_precompute": "teacher_precompute",
     "bench_scaling": "scaling",
+    "bench_verify_images": "verify_images",
 }
 
 

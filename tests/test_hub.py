@@ -50,7 +50,8 @@ LOAD_WITHOUT_GAPCLIP = textwrap.dedent(
         text = model.get_text_features(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
         ).pooler_output
-    result = {"image": image, "text": text, "class": type(model).__name__}
+    result = {"image": image, "text": text, "class": type(model).__name__,
+              "logit_scale": model.logit_scale.detach().clone()}
     if len(sys.argv) > 4:
         processor = AutoProcessor.from_pretrained(folder)
         result["tokens"] = processor.tokenizer(["a red circle"], return_tensors="pt")["input_ids"]
@@ -391,3 +392,157 @@ def test_export_recipe_from_checkpoint_with_results_and_push(tmp_path, monkeypat
     assert values == {"rsum": 123.5, "i2t_r1": 7.0}
     (upload,) = hub.uploads
     assert upload["repo_id"] == "me/release" and upload["files"] == sorted(p.name for p in out.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------------ issue 15
+def test_a_failed_push_keeps_the_export_and_says_how_to_push_it(tmp_path, monkeypatch):
+    """No network (or no token, no rights): the run's export stays complete on disk, and the message gives the
+    recipes/export.py command that pushes it as it is."""
+    from gapclip.hub import PushToHubError
+    from gapclip.run_state import RUN_RECORD_NAME
+    from recipes.export import main as export_main
+    from recipes.train_clip_lgmgc import main
+
+    monkeypatch.setenv("GAPCLIP_CACHE", str(tmp_path / "cache"))
+    hub = FakeHub(monkeypatch)
+
+    def unreachable(api, repo_id, **kwargs):
+        raise ConnectionError("Failed to resolve the Hub's address")
+
+    working = HfApi.create_repo
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    output_dir = tmp_path / "run"
+    argv = [
+        "--output_dir", str(output_dir), "--demo_train", "8", "--demo_val", "4", "--demo_test", "4",
+        "--demo_image_size", "32", "--scratch_width", "32", "--scratch_layers", "1", "--no_lsc", "--no_gst",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--eval_strategy", "no",
+        "--save_strategy", "no", "--load_best_model_at_end", "False", "--report_to", "none", "--max_steps", "1",
+        "--push_to_hub", "--hub_model_id", "me/tiny", "--skip_initial_eval",
+    ]
+    with pytest.raises(PushToHubError) as info:
+        main(argv)
+    export_dir = (output_dir / "export").resolve()
+    message = str(info.value)
+    assert "Could not push to the Hub repository 'me/tiny' (ConnectionError: Failed to resolve" in message
+    assert f"The export is complete on disk at {export_dir}" in message
+    files = {p.name for p in export_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", TRAINING_CONFIG_NAME} <= files
+    assert json.loads((output_dir / RUN_RECORD_NAME).read_text())["status"] == "finished"
+    assert not hub.uploads
+
+    command = message.split("push it later with: ")[1].split()
+    assert command[:3] == ["python", "recipes/export.py", str(export_dir)]
+    monkeypatch.setattr(HfApi, "create_repo", working)
+    export_main(command[2:])  # the command as given, now with a network
+    (upload,) = hub.uploads
+    assert Path(upload["folder_path"]) == export_dir and upload["repo_id"] == "me/tiny"
+    assert upload["files"] == sorted(p.name for p in export_dir.iterdir())
+
+
+def test_keep_lora_adapter_is_portable_and_complete(tmp_path, demo_processor, monkeypatch):
+    """The adapter names its base by absolute path (given relative at training time), loads from any working
+    directory with transformers + peft alone, and carries the trained logit_scale and the terms' parameters."""
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    from gapclip.hub import TERMS_WEIGHTS_NAME
+
+    base_dir = tmp_path / "models" / "base"
+    config = demo_clip_model(demo_processor, []).backbone.config
+    torch.manual_seed(3)
+    CLIPModel(config).save_pretrained(base_dir)
+    monkeypatch.chdir(tmp_path / "models")
+    model = GapClipModel.from_backbone("base", gap_terms=[{"name": "dias_inter", "weight": 0.5}]).eval()
+    assert model.backbone.config.name_or_path == "base"  # relative, as typed
+    apply_lora(model, r=4)
+    randomise_adapters(model)
+    with torch.no_grad():
+        model.backbone.base_model.model.logit_scale.fill_(2.5)  # "trained"
+        for parameter in model.gap_terms.parameters():
+            parameter.add_(0.25)
+    out = export_backbone(model, tmp_path / "export", merge_lora=False, processor=demo_processor)
+
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base_dir)
+    inputs = demo_inputs(demo_processor)
+    assert not (tmp_path / "base").exists()
+    loaded = load_without_gapclip(out, inputs, tmp_path)  # another cwd: "base" does not resolve there
+    image, text = gapclip_features(model, inputs)
+    torch.testing.assert_close(loaded["image"], image, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loaded["text"], text, rtol=0, atol=1e-5)
+    assert loaded["logit_scale"].item() == 2.5
+    terms = load_file(str(out / TERMS_WEIGHTS_NAME))
+    expected = {f"gap_terms.{k}": v for k, v in model.gap_terms.state_dict().items()}
+    assert sorted(terms) == sorted(expected) and all(torch.equal(terms[k], expected[k]) for k in expected)
+    card = (out / "README.md").read_text()
+    assert f"This folder holds a **LoRA adapter** (peft format) for `{base_dir}`" in card
+    assert "also holds the trained `logit_scale`" in card and f"`{TERMS_WEIGHTS_NAME}` holds the gap terms'" in card
+
+
+def test_keep_lora_without_a_base_to_refer_to_ships_the_base_weights(tmp_path, demo_processor):
+    model = apply_lora(demo_clip_model(demo_processor, []), r=2)  # trained from scratch: no base anywhere
+    randomise_adapters(model)
+    out = export_backbone(model, tmp_path / "export", merge_lora=False)
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((out / "base_model").resolve()) and (out / "base_model" / "model.safetensors").is_file()
+    assert not any("lora" in key for key in _safetensors_keys(out / "base_model" / "model.safetensors"))
+    (tmp_path / "elsewhere").mkdir()
+    inputs = demo_inputs(demo_processor)
+    loaded = load_without_gapclip(out, inputs, tmp_path / "elsewhere")
+    torch.testing.assert_close(loaded["image"], gapclip_features(model, inputs)[0], rtol=0, atol=1e-5)
+
+
+def test_card_of_a_training_run_and_of_a_standalone_export(tmp_path, monkeypatch):
+    """Plain strings for enums, a title from base + method, model details as sentence-transformers' cards give
+    them, framework versions; recipes/export.py on the checkpoint writes the same hyper-parameters and data."""
+    import transformers
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    from recipes.export import main as export_main
+    from recipes.train_clip_lgmgc import main
+
+    monkeypatch.setenv("GAPCLIP_CACHE", str(tmp_path / "cache"))
+    output_dir = tmp_path / "run"
+    main([
+        "--output_dir", str(output_dir), "--demo_train", "8", "--demo_val", "4", "--demo_test", "4",
+        "--demo_image_size", "32", "--scratch_width", "32", "--scratch_layers", "1", "--per_device_train_batch_size",
+        "4", "--per_device_eval_batch_size", "8", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "False", "--report_to", "none", "--max_steps", "1", "--skip_initial_eval",
+    ])
+    export_dir = output_dir / "export"
+    card = ModelCard.load(export_dir / "README.md")
+    text = card.text
+    assert "SchedulerType" not in text and "| lr_scheduler_type | cosine |" in text
+    assert card.data.model_name == "clip-scratch-lgmgc" and text.lstrip().startswith("# clip-scratch-lgmgc")
+    assert eval_results_to_model_index(card.data.model_name, card.data.eval_results)[0]["name"] == "clip-scratch-lgmgc"
+    assert "is a CLIP dual encoder trained from scratch with LG-MGC" in text
+    for line in ("- **Training method:** LG-MGC (base loss `infonce`, `lsc`, `gst`)",
+                 "- **Embedding dimension:** 32", "- **Maximum sequence length:** 32 tokens",
+                 "- **Image size:** 32 × 32 px",
+                 "- **Training data:** the offline synthetic gapclip demo set (coloured shapes with generated "
+                 "captions): 8 images, 40 captions; one caption per image per epoch, with generated image "
+                 "translations (LG-MGC GST)",
+                 f"- Transformers: {transformers.__version__}", f"- PyTorch: {torch.__version__}"):
+        assert line in text, line
+
+    release = export_main([str(output_dir), str(tmp_path / "release")])
+    ours, theirs = (json.loads((folder / TRAINING_CONFIG_NAME).read_text()) for folder in (export_dir, release))
+    assert theirs["training"] == ours["training"] and theirs["training"]["lr_scheduler_type"] == "cosine"
+    assert theirs["training"]["learning_rate"] == 1e-3 and theirs["training_data"] == ours["training_data"]
+    assert "| learning_rate | 0.001 |" in (release / "README.md").read_text()
+
+
+def test_card_names_the_base_model_it_was_fine_tuned_from(tmp_path, demo_processor):
+    model = demo_clip_model(demo_processor)  # terms lsc + dias_inter
+    model.backbone.config._name_or_path = "openai/clip-vit-base-patch16"
+    card = ModelCard.load(export_backbone(model, tmp_path / "export") / "README.md")
+    assert card.data.model_name == "clip-vit-base-patch16-lgmgc+dias"
+    assert card.data.base_model == "openai/clip-vit-base-patch16"
+    assert "fine-tuned from `openai/clip-vit-base-patch16` with LG-MGC+DIAS" in card.text
+    local = tmp_path / "my-clip"
+    local.mkdir()
+    model.backbone.config._name_or_path = str(local)  # a local base: named in the text, not in the Hub metadata
+    card = ModelCard.load(export_backbone(model, tmp_path / "export2") / "README.md")
+    assert card.data.base_model is None and card.data.model_name == "my-clip-lgmgc+dias"
+    assert "fine-tuned from the local model `my-clip` with LG-MGC+DIAS" in card.text and str(local) not in card.text
+    assert "- **Base model:** the local model `my-clip`" in card.text

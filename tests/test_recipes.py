@@ -292,3 +292,70 @@ def test_term_option_field_names_an_unknown_option():
 
     with pytest.raises(ValueError, match="gap term 'lsc' has no option 'K'"):
         term_option_field("lsc", "K")
+
+
+# ---------------------------------------------------------------------------------------------------- what a run says
+def test_every_training_run_ends_with_where_things_went(lgmgc, tiny_demo_root, tmp_path, capsys):
+    out = (tmp_path / "out").resolve()
+    lgmgc.main(tiny_flags(out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"))
+    printed = capsys.readouterr().out
+    summary = printed[printed.index(f"Run finished: {out}"):]
+    for line in (f"model:       {out} (gapclip checkpoint", f"export:      {out / 'export'} (plain CLIPModel",
+                 f"tables:      {out / 'retrieval.md'}, {out / 'retrieval.json'}",
+                 f"checkpoints: 1 in {out} (last: checkpoint-2)", "LoRA:        off"):
+        assert line in summary, summary
+    assert (out / "export" / "model.safetensors").is_file() and (out / "retrieval.md").is_file()
+
+    lgmgc.main(tiny_flags(tmp_path / "lora", "--max_steps", "2", "--lora_r", "4", "--lora_alpha", "8"))
+    assert "LoRA:        on (r=4, alpha=8.0, dropout=0.0); adapters kept in the checkpoint, merged in the export" in (
+        capsys.readouterr().out)
+    lgmgc.main(tiny_flags(tmp_path / "merged", "--max_steps", "2", "--lora_r", "4", "--merge_lora"))
+    assert "; merged into the saved weights" in capsys.readouterr().out
+
+
+def _eval_flags(saved_clip, out_json) -> dict:
+    return {
+        "model_name_or_path": str(saved_clip), "dataset": "demo", "demo_train": DEMO_SIZES["num_train"],
+        "demo_val": DEMO_SIZES["num_val"], "demo_test": DEMO_SIZES["num_test"],
+        "demo_image_size": DEMO_SIZES["image_size"], "output_json": str(out_json),
+    }
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_evaluate_recipe_reads_a_config_file_from_the_shell(saved_clip, tiny_demo_root, tmp_path, monkeypatch,
+                                                            suffix):
+    module = load_recipe("evaluate_retrieval")
+    config = tmp_path / f"eval{suffix}"
+    values = _eval_flags(saved_clip, tmp_path / "test.json")
+    config.write_text(yaml.safe_dump(values) if suffix == ".yaml" else json.dumps(values))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["evaluate_retrieval.py", config.name])  # as typed in a shell
+    metrics = module.main()
+    assert "rsum" in metrics and json.loads((tmp_path / "test.json").read_text())
+
+
+def test_evaluate_recipe_plots_need_matplotlib_before_any_work(saved_clip, tmp_path, monkeypatch):
+    import gapclip.evaluate_cli as evaluate_cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the [plots] extra were not installed
+    monkeypatch.setattr(evaluate_cli, "load_datasets", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(ImportError) as info:
+        evaluate_cli.main(["--model_name_or_path", str(saved_clip), "--plots", "--output_json",
+                           str(tmp_path / "t.json")])
+    assert str(info.value).startswith("--plots needs matplotlib") and "'gapclip[plots]'" in str(info.value)
+    readme = (RECIPES.parent / "README.md").read_text()
+    plot_command = readme[readme.index("`--plots` on the evaluation recipe"):][:600]
+    assert 'pip install -e ".[plots]"' in plot_command
+
+
+def test_evaluate_recipe_says_where_the_metrics_and_plots_are(saved_clip, tiny_demo_root, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    module = load_recipe("evaluate_retrieval")
+    out_json = tmp_path / "eval" / "test.json"
+    flags = [f"--{key}={value}" for key, value in _eval_flags(saved_clip, out_json).items()]
+    module.main([*flags, "--plots"])
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("Evaluation finished:"):]
+    assert f"metrics: {out_json.resolve()}" in summary
+    plots = [out_json.parent.resolve() / name for name in ("similarity_map.png", "modality_gap.png")]
+    assert f"plots:   {plots[0]}, {plots[1]}" in summary and all(path.is_file() for path in plots)

@@ -15,6 +15,8 @@ from transformers import ViTConfig, ViTImageProcessor, ViTModel
 import gapclip.teachers as teachers
 from gapclip.teachers import TeacherStore, caption_id, check_coverage, precompute_teachers
 
+from .test_recipes import saved_clip  # noqa: F401  (a fixture)
+
 torch.set_num_threads(1)
 
 FEATURES = Features({"image_id": Value("string"), "image": Image(), "captions": List(Value("string"))})
@@ -166,7 +168,7 @@ def test_cls_pooling_and_bad_inputs(dataset, vit_path, tmp_path):
         precompute_teachers(dataset["test"].remove_columns("captions"), output_dir=tmp_path)
 
 
-def test_recipe_takes_the_training_flags_and_writes_where_cusa_looks(tmp_path):
+def test_recipe_takes_the_training_flags_and_writes_where_cusa_looks(tmp_path, capsys):
     from gapclip.cli import DataArguments, default_teacher_dir
     from recipes.precompute_teachers import main
 
@@ -175,6 +177,7 @@ def test_recipe_takes_the_training_flags_and_writes_where_cusa_looks(tmp_path):
     expected = default_teacher_dir(DataArguments(dataset="demo", demo_train=3, demo_val=1, demo_test=2,
                                                  demo_image_size=32))
     assert path == expected / "teachers.safetensors"  # train_clip_cusa.py finds it with the same flags
+    assert f"Teacher embeddings ready: {path.resolve()}\n  covers:   6 images," in capsys.readouterr().out
     assert len(TeacherStore.load(path)) == 6
     only_test = main([*demo, "--splits", "test", "--output_dir", str(tmp_path / "t"), "--device", "cpu"])
     assert len(TeacherStore.load(only_test)) == 2
@@ -195,3 +198,78 @@ def test_default_teacher_dir_per_source(tmp_path, gapclip_cache):
     assert default_teacher_dir(DataArguments(dataset="hub", dataset_name=str(saved))) == saved / "teachers"
     by_name = DataArguments(dataset="hub", dataset_name="org/captions")
     assert default_teacher_dir(by_name) == gapclip_cache / "teachers" / "org__captions"
+
+
+# ------------------------------------------------------------------------------------------------------ stale teachers
+def _edit_captions(dataset: DatasetDict, ids: set[str]) -> DatasetDict:
+    return DatasetDict({
+        split: ds.map(lambda row: {"captions": [c.replace("number", "no.") for c in row["captions"]]}
+                      if row["image_id"] in ids else {})
+        for split, ds in dataset.items()
+    })
+
+
+def test_stale_captions_under_the_same_ids_are_an_error(captions_file, dataset):
+    store = TeacherStore.load(captions_file)
+    check_coverage(store, dataset)  # the data they were computed from: fine
+    with pytest.raises(ValueError) as info:
+        check_coverage(store, _edit_captions(dataset, {"img1", "img6"}))
+    message = str(info.value)
+    assert "are stale for this dataset" in message
+    assert "the captions of 2 of 7 images changed (e.g. image_id(s) ['img1', 'img6'])" in message
+    assert "recipes/precompute_teachers.py" in message and "delete the file" in message
+    with pytest.raises(ValueError, match=r"the captions of 7 of 7 images changed"):  # every caption text changed
+        check_coverage(store, _edit_captions(dataset, {f"img{i}" for i in range(7)}))
+
+
+def test_stale_check_of_a_file_without_per_image_digests(captions_file, dataset):
+    """Files written before the digests carry only the whole-dataset fingerprint: compared when the ids match."""
+    store = TeacherStore.load(captions_file)
+    legacy = {k: v for k, v in store.metadata.items() if k not in ("caption_digests", "image_digests")}
+    image_ids, captions = teachers._ids_and_captions(list(dataset.values()))
+    legacy["dataset_fingerprint"] = teachers._legacy_fingerprint(image_ids, captions)
+    old = TeacherStore(store.image_embeds, store.text_embeds, legacy, store.path)
+    check_coverage(old, dataset)
+    with pytest.raises(ValueError, match="caption texts differ from those they were computed from"):
+        check_coverage(old, _edit_captions(dataset, {"img3"}))
+
+
+def test_replaced_image_files_are_stale_for_an_image_teacher(vit_path, tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        PILImage.new("RGB", (32, 32), (40 * i, 90, 200)).save(paths[-1])
+    split = Dataset.from_dict({"image_id": ["a", "b", "c"], "image": paths, "captions": [["x"], ["y"], ["z"]]},
+                              features=FEATURES)
+    file = precompute_teachers(split, output_dir=tmp_path / "t", image_teacher=str(vit_path), batch_size=2,
+                               show_progress=False)
+    store = TeacherStore.load(file)
+    check_coverage(store, split)
+    PILImage.effect_noise((32, 32), 60).convert("RGB").save(paths[1])  # another picture under the same name
+    with pytest.raises(ValueError, match=r"the image files of 1 of 3 images changed \(e\.g\. image_id\(s\) \['b'\]\)"):
+        check_coverage(store, split)
+
+
+def test_cusa_recipe_refuses_teachers_of_edited_captions(tmp_path, saved_clip):
+    from .test_recipes import load_recipe
+
+    (tmp_path / "images").mkdir()
+    lines = ["image,caption,split"]
+    for i, split in enumerate(["train"] * 4 + ["validation", "test"]):
+        PILImage.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "images" / f"{i}.png")
+        lines += [f"{i}.png,a red circle number {i},{split}", f"{i}.png,a blue square number {i},{split}"]
+    data = tmp_path / "captions.csv"
+    data.write_text("\n".join(lines) + "\n")
+    flags = ["--dataset", "csv", "--data_file", str(data), "--image_root", str(tmp_path / "images"),
+             "--model_name_or_path", str(saved_clip), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+             "--per_device_train_batch_size", "2", "--report_to", "none", "--no_usa"]
+    from recipes.precompute_teachers import main as precompute
+
+    precompute(["--dataset", "csv", "--data_file", str(data), "--image_root", str(tmp_path / "images"),
+                "--batch_size", "8", "--device", "cpu"])
+    data.write_text(data.read_text().replace("a blue square number 2", "a green star number 2"))
+    cusa = load_recipe("train_clip_cusa")
+    with pytest.raises(ValueError) as info:
+        cusa.main(flags)
+    assert "the captions of 1 of 6 images changed (e.g. image_id(s) ['2.png'])" in str(info.value)
+    assert str(tmp_path / "teachers" / "teachers.safetensors") in str(info.value)

@@ -217,7 +217,7 @@ def test_real_tiny_blip_pipeline_end_to_end(tmp_path):
     assert read_lines(out2) == rows
 
 
-def test_recipe_on_demo_data_with_fake_captioner(tmp_path, monkeypatch):
+def test_recipe_on_demo_data_with_fake_captioner(tmp_path, monkeypatch, capsys):
     from transformers.utils import logging as hf_logging
 
     from recipes.translate_images import main
@@ -229,6 +229,7 @@ def test_recipe_on_demo_data_with_fake_captioner(tmp_path, monkeypatch):
             "--splits", "train", "test", "--batch_size", "2", "--output_file", str(out)]
     try:
         assert main(argv, captioner=FakeCaptioner()) == str(out)
+        assert f"Translations written: {out.resolve()}" in capsys.readouterr().out  # said at the end of the run
         first = out.read_bytes()
         again = FakeCaptioner()
         main(argv, captioner=again)  # resumes: nothing left to do

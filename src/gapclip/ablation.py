@@ -60,12 +60,19 @@ def run_ablation(
             **variant.run_kwargs,
         )
         rows[variant.name] = result["rows"]["after training"]
-        result["trainer"].accelerator.free_memory()
+        if result["trainer"] is not None:  # None: the variant's folder already held its finished run
+            result["trainer"].accelerator.free_memory()
     table = format_retrieval_table(rows, title=title)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "ablation.md").write_text(table + "\n")
     (output_dir / "ablation.json").write_text(json.dumps(rows, indent=2))
     print(table, flush=True)  # the runner's result, for the person who ran it
+    from .console import format_summary
+
+    print(format_summary(f"Ablation finished: {output_dir.resolve()}", [
+        ("tables", f"{output_dir.resolve() / 'ablation.md'}, {output_dir.resolve() / 'ablation.json'}"),
+        ("runs", ", ".join(str(output_dir.resolve() / _slug(variant.name)) for variant in variants)),
+    ]), flush=True)
     return rows
 
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import transformers
 from transformers import AutoConfig, AutoProcessor, CLIPConfig, HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .argument_checks import check_model_path, parse_json_flag
 from .configuration import GapClipConfig, check_dual_encoder_config
+from .console import training_summary
 from .data import (
     CaptionPairs,
     GapClipCollator,
@@ -38,10 +39,12 @@ from .data import (
     make_demo_processor,
 )
 from .data.demo import cache_root, make_demo_dataset
+from .data.verify import verify_splits
 from .evaluation import ECCVEvaluator, Evaluator, STSEvaluator, UniModalEvaluator, format_retrieval_table
 from .losses import TERM_REGISTRY, validate_term_specs
 from .lora import load_gapclip_model
 from .modeling import GapClipModel
+from .run_state import plan_run, report_finished, restore_final_checkpoint, run_configuration, write_run_record
 from .trainer import GapClipTrainer
 
 logger = logging.get_logger(__name__)
@@ -99,6 +102,9 @@ class ModelArguments:
             )
         if self.triplet_reduction not in (None, "mean", "sum"):
             raise ValueError(f"--triplet_reduction must be mean or sum, got {self.triplet_reduction!r}.")
+        check_model_path("--model_name_or_path", self.model_name_or_path)
+        check_model_path("--processor_name_or_path", self.processor_name_or_path)
+        parse_json_flag("--gap_terms", self.gap_terms, list)
 
 
 @dataclass
@@ -129,6 +135,11 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the training split (data too big for disk)."})
     on_bad_image: str = field(default="error", metadata={"help": "error | skip (unreadable training images)."})
     max_bad_image_fraction: float = field(default=0.01, metadata={"help": "With skip: stop past this share."})
+    verify_images: bool = field(
+        default=False,
+        metadata={"help": "Decode every image once at load (in parallel, with a progress bar) and report all "
+                          "unreadable ones before training; with --on_bad_image skip, leave bad training images out."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation images."})
     demo_train: int = field(default=2000, metadata={"help": "Demo data: training images."})
@@ -180,6 +191,11 @@ class GapClipTrainingArguments(TrainingArguments):
     seed: int = field(default=42, metadata={"help": "Random seed."})
     max_nonfinite_steps: int = field(
         default=3, metadata={"help": "Stop after this many consecutive steps skipped for a NaN/inf loss or gradient."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in a --output_dir that holds a run (its checkpoints and results are deleted) "
+                          "instead of resuming or refusing it; needed when that run has another configuration."},
     )
 
     def __post_init__(self):
@@ -430,14 +446,13 @@ def build_model_and_processor(
             new_config = GapClipConfig(model.config.backbone_config, lora=model.config.lora, **config_kwargs)
             model = GapClipModel(new_config, backbone=model.backbone)
         return model, processor
-    return GapClipModel.from_backbone(path, **config_kwargs), processor
+    # A local base model is recorded by its absolute path, so a LoRA adapter exported later finds it from anywhere.
+    base = os.path.abspath(path) if os.path.isdir(path) else path
+    return GapClipModel.from_backbone(base, **config_kwargs), processor
 
 
 def merge_gap_terms(recipe_terms: list[dict[str, Any]], extra_json: str | None) -> list[dict[str, Any]]:
-    extra = json.loads(extra_json) if extra_json else []
-    if not isinstance(extra, list):
-        raise ValueError(f"--gap_terms must be a JSON list of terms, got {extra_json!r}.")
-    return [*recipe_terms, *extra]
+    return [*recipe_terms, *(parse_json_flag("--gap_terms", extra_json, list) or [])]
 
 
 def _limit(dataset, n: int | None):
@@ -475,14 +490,15 @@ def run_training(
     transformers.utils.logging.set_verbosity(log_level)
     set_seed(training_args.seed)
 
-    # 2. resume
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir):
-        # A rerun into the same folder continues from its last checkpoint instead of overwriting it.
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.warning(f"Resuming from {last_checkpoint} (found in --output_dir).")
-    resume = training_args.resume_from_checkpoint or last_checkpoint
+    # 2. the output folder: a fresh run, a resume, a finished run or another configuration's (gapclip.run_state)
+    import_term_modules(model_args.term_module)  # before the terms are read: --gap_terms may name their terms
+    gap_terms = merge_gap_terms(gap_terms, model_args.gap_terms)
+    configuration = run_configuration(model_args, data_args, lora_args, gap_terms)
+    plan = plan_run(training_args, configuration)
+    if plan.action == "finished":
+        repo_id = _push_repo_id(training_args, True) if training_args.push_to_hub else None
+        return report_finished(plan, training_args, push_repo_id=repo_id)
+    resume = plan.checkpoint
 
     # 3. data
     datasets = load_datasets(data_args)
@@ -492,6 +508,14 @@ def run_training(
     train = _limit(datasets[data_args.train_split], data_args.max_train_samples)
     evaluation = _limit(datasets[data_args.eval_split], data_args.max_eval_samples)
     test = _limit(datasets[data_args.test_split], data_args.max_eval_samples)
+    if data_args.verify_images:  # decode every image now, not when its row comes up (gapclip.data.verify)
+        train = verify_splits(
+            {data_args.train_split: train, data_args.eval_split: evaluation, data_args.test_split: test},
+            train_split=data_args.train_split, on_bad_image=data_args.on_bad_image,
+            max_bad_image_fraction=data_args.max_bad_image_fraction, rank=training_args.process_index,
+            world_size=training_args.world_size,
+            show_progress=not training_args.disable_tqdm and training_args.process_index == 0,
+        )
     pair_options = {
         "mode": data_args.pair_mode, "seed": training_args.seed, "on_bad_image": data_args.on_bad_image,
         "max_bad_image_fraction": data_args.max_bad_image_fraction,
@@ -502,12 +526,11 @@ def run_training(
         pairs = IterableCaptionPairs(load_datasets(data_args, streaming=True)[data_args.train_split], **pair_options)
     else:
         pairs = CaptionPairs(train, **pair_options)
+        _check_train_split_size(pairs, data_args, training_args)
 
     # 4. model and collator (the terms declare the per-row inputs the collator passes on)
-    import_term_modules(model_args.term_module)
-    model, processor = build_model_and_processor(
-        model_args, data_args, merge_gap_terms(gap_terms, model_args.gap_terms), train=train
-    )
+    model, processor = build_model_and_processor(model_args, data_args, gap_terms, train=train)
+    _record_training_run(model, training_args, data_args, pairs)
     padding = "max_length" if model.config.backbone_config.model_type in ("siglip", "siglip2") else "longest"
     providers = [*(input_providers or []), *([teacher_store] if teacher_store is not None else [])]
     collator = GapClipCollator(
@@ -536,16 +559,25 @@ def run_training(
             f"{training_args.per_device_train_batch_size} × {training_args.world_size} process(es)."
         )
 
-    # 6. before / train / after
+    # 6. before / train / after (a resumed run keeps the "before training" row its first part measured)
     rows: dict[str, dict[str, float]] = {}
     if not data_args.skip_initial_eval and resume is None:
         rows["before training"] = _strip(trainer.evaluate(test, metric_key_prefix="test"), "test")
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    elif plan.before_training:
+        rows["before training"] = plan.before_training
+    if trainer.is_world_process_zero():
+        write_run_record(training_args, configuration, status="running", before_training=rows.get("before training"))
+    if plan.action == "complete":  # the checkpoint is the budget's last step: train nothing more
+        restore_final_checkpoint(trainer, resume)
+        train_metrics = {}
+    else:
+        train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     if lora_args is not None and lora_args.merge_lora:
         _merge_lora(model)
     trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
+    if train_metrics:
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
     trainer.save_state()
     after = trainer.evaluate(test, metric_key_prefix="test")
     trainer.log_metrics("test", after)
@@ -559,15 +591,75 @@ def run_training(
         Path(training_args.output_dir, "retrieval.json").write_text(json.dumps(rows, indent=2))
         print(table, flush=True)  # the recipe's result, for the person who ran it
 
-    # 8. release export (the native backbone + card) and push
-    export_dir = None
+    # 8. release export (the native backbone + card), push, and where everything went
+    export_dir = push_error = None
     if trainer.is_world_process_zero():
-        export_dir = _export_and_push(model, processor, data_args, training_args, rows, push_to_hub)
-    return {"rows": rows, "train": train_result.metrics, "trainer": trainer, "export_dir": export_dir}
+        export_dir = _export(model, processor, data_args, training_args, rows, push_to_hub)
+        write_run_record(
+            training_args, configuration, status="finished", before_training=rows.get("before training"),
+            state=trainer.state, extra={"export_dir": str(export_dir)},
+        )
+        push_error = _push(export_dir, training_args) if push_to_hub else None
+        hub = None if not push_to_hub else (
+            "push FAILED (see the error below)" if push_error else f"pushed to {_push_repo_id(training_args, True)}")
+        print(training_summary(training_args.output_dir, model, export_dir, hub=hub), flush=True)
+    if push_error is not None:
+        raise push_error
+    return {"rows": rows, "train": train_metrics, "trainer": trainer, "export_dir": export_dir}
 
 
 def _strip(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {key[len(prefix) + 1 :]: value for key, value in metrics.items() if key.startswith(prefix + "_")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks at load time and what a run tells its user (gapclip.run_state, gapclip.data.verify, gapclip.console)
+# ---------------------------------------------------------------------------------------------------------------------
+def _check_train_split_size(pairs: CaptionPairs, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """A split smaller than one optimizer step's batch trains nothing (with epochs, transformers then fails with an
+    unrelated ``max_steps`` error): stop at load, naming both sizes."""
+    args = training_args
+    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    needed = per_step if args.dataloader_drop_last else 2
+    if len(pairs) >= needed:
+        return
+    limit = f", --max_train_samples {data_args.max_train_samples}" if data_args.max_train_samples else ""
+    if args.dataloader_drop_last:
+        why = (f"one optimizer step needs {needed} (per_device_train_batch_size {args.per_device_train_batch_size} × "
+               f"{args.world_size} process(es) × gradient_accumulation_steps {args.gradient_accumulation_steps}; "
+               "--dataloader_drop_last drops incomplete batches)")
+        fixes = ("a smaller --per_device_train_batch_size or --gradient_accumulation_steps, or "
+                 "--dataloader_drop_last false")
+    else:
+        why, fixes = "a contrastive batch needs 2", "more images"
+    raise ValueError(
+        f"The training split {data_args.train_split!r} has {len(pairs)} training pair(s) ({pairs.num_images} images, "
+        f"--pair_mode {data_args.pair_mode}{limit}), but {why}: nothing would be trained. Use more training data, or "
+        f"{fixes}."
+    )
+
+
+def _record_training_run(model: GapClipModel, training_args: TrainingArguments, data_args: DataArguments,
+                         pairs: Any) -> None:
+    """Keep the hyper-parameters and a description of the training data in the model config, so every checkpoint
+    carries them and a later ``recipes/export.py`` writes the same card as the end of the run."""
+    from .hub import hyperparameters
+
+    streaming = not isinstance(pairs, CaptionPairs)
+    model.config.training_run = {
+        "hyperparameters": hyperparameters(training_args),
+        "training_data": {
+            "name": _eval_dataset_name(data_args),
+            "source": data_args.dataset,
+            "location": next((os.path.abspath(v) if os.path.exists(v) else v for v in (
+                data_args.karpathy_json, data_args.dataset_name, data_args.data_file) if v), None),
+            "split": data_args.train_split,
+            "images": None if streaming else pairs.num_images,
+            "captions": None if streaming else pairs.num_captions,
+            "pair_mode": data_args.pair_mode,
+            "translations": bool(data_args.translations) or data_args.dataset == "demo",
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -601,25 +693,37 @@ def _take_over_push(training_args: GapClipTrainingArguments) -> bool:
     return push_to_hub
 
 
-def _export_and_push(
+def _push_repo_id(training_args: GapClipTrainingArguments, push_to_hub: bool) -> str | None:
+    return training_args.hub_model_id or (Path(training_args.output_dir).name if push_to_hub else None)
+
+
+def _export(
     model: GapClipModel, processor: Any, data_args: DataArguments, training_args: GapClipTrainingArguments,
     rows: dict[str, dict[str, float]], push_to_hub: bool,
 ) -> Path:
-    from .hub import export_backbone, push_exported
+    from .hub import export_backbone
 
-    repo_id = training_args.hub_model_id or (Path(training_args.output_dir).name if push_to_hub else None)
-    export_dir = export_backbone(
+    return export_backbone(
         model, Path(training_args.output_dir, "export"), processor=processor,
         eval_results={_eval_dataset_name(data_args): rows["after training"]}, eval_split=data_args.test_split,
-        training_args=training_args, repo_id=repo_id,
+        training_args=training_args, repo_id=_push_repo_id(training_args, push_to_hub),
     )
-    if push_to_hub:
+
+
+def _push(export_dir: Path, training_args: GapClipTrainingArguments) -> Exception | None:
+    """Push the export; a failure (no network, no token, no rights) comes back as an error saying how to retry."""
+    from .hub import push_exported, push_failed_error
+
+    repo_id = _push_repo_id(training_args, True)
+    try:
         push_exported(
             export_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo,
             commit_message="End of training",
         )
-        training_args.push_to_hub = True
-    return export_dir
+    except Exception as err:  # noqa: BLE001 - whatever the Hub client raised, the export is safe on disk
+        return push_failed_error(export_dir, repo_id, err)
+    training_args.push_to_hub = True
+    return None
 
 
 def _eval_dataset_name(data_args: DataArguments) -> str:

@@ -8,6 +8,8 @@ R@1 given a class-label column, and STS Spearman correlation of the text tower.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,10 @@ import torch
 from transformers import AutoConfig, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
+from .argument_checks import check_model_path, parse_json_flag, require_module
 from .cli import DataArguments, build_evaluators, import_term_modules, load_datasets
 from .configuration import GapClipConfig
+from .console import format_summary
 from .evaluation import EvaluationContext, RetrievalEvaluator, format_retrieval_table, run_evaluators
 from .inference import embed_caption_dataset
 from .modeling import GapClipModel
@@ -51,6 +55,11 @@ class EvaluationArguments:
     def __post_init__(self):
         if not self.model_name_or_path:
             raise ValueError("--model_name_or_path is required (a gapclip checkpoint or a dual encoder).")
+        check_model_path("--model_name_or_path", self.model_name_or_path)
+        check_model_path("--processor_name_or_path", self.processor_name_or_path)
+        if self.plots:  # checked now, not after minutes of embedding
+            require_module("--plots", "matplotlib", "plots")
+        parse_json_flag("--plot_substitutions", self.plot_substitutions, dict)
 
 
 def load_for_evaluation(path: str, processor_path: str | None = None) -> tuple[GapClipModel, Any]:
@@ -82,24 +91,28 @@ def evaluate(eval_args: EvaluationArguments, data_args: DataArguments) -> dict[s
     )
     retrieval = RetrievalEvaluator(gap_pairs=eval_args.modality_gap_pairs, coco_1k=data_args.coco_1k)
     metrics = run_evaluators([retrieval, *build_evaluators(data_args)], context)
+    plots = None
     if eval_args.plots:
         metrics_dir = Path(eval_args.plots_dir or Path(eval_args.output_json or "plots.json").parent)
-        substitutions = json.loads(eval_args.plot_substitutions) if eval_args.plot_substitutions else {}
-        _plots(model, processor, dataset, embedded, metrics_dir, substitutions)
+        substitutions = parse_json_flag("--plot_substitutions", eval_args.plot_substitutions, dict) or {}
+        plots = _plots(model, processor, dataset, embedded, metrics_dir, substitutions)
     row = eval_args.name or eval_args.model_name_or_path
     print(format_retrieval_table({row: metrics}, title=f"{data_args.dataset} / {eval_args.split}"), flush=True)
     print(json.dumps(metrics, indent=2), flush=True)
     if eval_args.output_json:
         Path(eval_args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(eval_args.output_json).write_text(json.dumps({row: metrics}, indent=2))
+    written = Path(eval_args.output_json).resolve() if eval_args.output_json else "printed only (no --output_json)"
+    title = f"Evaluation finished: {eval_args.model_name_or_path} on {data_args.dataset}/{eval_args.split}"
+    print(format_summary(title, [
+        ("metrics", written),
+        ("plots", ", ".join(str(path.resolve()) for path in plots) if plots else None),
+    ]), flush=True)
     return metrics
 
 
-def _plots(model, processor, dataset, embedded, out_dir: Path, substitutions: dict[str, str]) -> None:
-    try:
-        from .plots import modality_gap_plot, patch_similarity_map, substitute_words
-    except ImportError as err:  # pragma: no cover - depends on the optional extra
-        raise ImportError("--plots needs matplotlib: pip install 'gapclip[plots]'") from err
+def _plots(model, processor, dataset, embedded, out_dir: Path, substitutions: dict[str, str]) -> list[Path]:
+    from .plots import modality_gap_plot, patch_similarity_map, substitute_words  # matplotlib: checked at parsing
     out_dir.mkdir(parents=True, exist_ok=True)
     first = dataset[0]
     captions = [first["captions"][0]]
@@ -111,6 +124,7 @@ def _plots(model, processor, dataset, embedded, out_dir: Path, substitutions: di
         embedded.image_embeds, embedded.text_embeds[_first_caption_rows(embedded.text_to_image)],
         output_path=out_dir / "modality_gap.png",
     )
+    return [out_dir / "similarity_map.png", out_dir / "modality_gap.png"]
 
 
 def _first_caption_rows(text_to_image: torch.Tensor) -> torch.Tensor:
@@ -122,9 +136,10 @@ def _first_caption_rows(text_to_image: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = HfArgumentParser((EvaluationArguments, DataArguments))
-    if argv is not None and len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+    argv = sys.argv[1:] if argv is None else argv  # from the shell too, as the training recipes
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         loader = parser.parse_yaml_file if argv[0].endswith((".yaml", ".yml")) else parser.parse_json_file
-        eval_args, data_args = loader(argv[0])
+        eval_args, data_args = loader(os.path.abspath(argv[0]))
     else:
         eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
     return evaluate(eval_args, data_args)

@@ -4,23 +4,28 @@ Every gap term is a training-time objective, so a release is just the backbone (
 or `VisionTextDualEncoderModel`): ``AutoModel.from_pretrained(folder)`` loads it without gapclip installed and
 gives the same embeddings as the :class:`~gapclip.GapClipModel` it came from. The exported folder holds::
 
-    config.json, model.safetensors      the backbone (LoRA adapters merged in by default)
+    config.json, model.safetensors      the backbone (LoRA adapters merged in by default; with merge_lora=False a
+                                        peft adapter instead, see :func:`export_backbone`)
     preprocessor_config.json, tokenizer files ...   its processor, when one is given or found in the checkpoint
     gapclip_training.json               the objective (base loss, gap terms with weights/options, LoRA) and the
                                         training hyper-parameters
-    README.md                           a model card with `model-index` retrieval results (R@1/5/10 both ways,
-                                        RSUM, modality gap) per evaluation dataset, usage and the citations of
-                                        the objectives it was trained with
+    README.md                           a model card: `model-index` retrieval results (R@1/5/10 both ways, RSUM,
+                                        modality gap) per evaluation dataset, model details (base model, embedding
+                                        dimension, maximum sequence length, training data), framework versions,
+                                        usage and the citations of the objectives it was trained with
 
-:func:`push_exported` uploads such a folder (and nothing else) to a model repository.
+:func:`push_exported` uploads such a folder (and nothing else) to a model repository; when that fails,
+:func:`push_failed_error` says where the export is and how to push it later.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +63,30 @@ _HYPERPARAMETERS = (
 _FAMILY_NAMES = {
     "clip": "CLIP", "siglip": "SigLIP", "siglip2": "SigLIP 2", "vision-text-dual-encoder": "VisionTextDualEncoder",
 }
+#: The method a gap term belongs to, by the module that defines it (a user's own term is named by itself).
+_METHOD_OF_MODULE = {"gapclip.losses.lgmgc": "LG-MGC", "gapclip.losses.dias": "DIAS", "gapclip.losses.cusa": "CUSA"}
+#: Backbone parameters outside the LoRA layers that train under LoRA; a kept adapter carries their trained values.
+_ADAPTER_EXTRA_PARAMETERS = ("logit_scale", "logit_bias")
+TERMS_WEIGHTS_NAME = "gapclip_terms.safetensors"
+#: Packages whose versions the card lists, as (display name, distribution name).
+_FRAMEWORKS = (("gapclip", "gapclip"), ("Transformers", "transformers"), ("PyTorch", "torch"),
+               ("Datasets", "datasets"), ("Tokenizers", "tokenizers"), ("Accelerate", "accelerate"),
+               ("PEFT", "peft"), ("huggingface_hub", "huggingface_hub"))
+
+
+class PushToHubError(OSError):
+    """The export is complete on disk, but uploading it to the Hub failed."""
+
+
+def push_failed_error(export_dir: str | os.PathLike, repo_id: str, error: BaseException) -> PushToHubError:
+    """The error to raise when pushing ``export_dir`` failed: what went wrong, where the export is, how to retry."""
+    failure = PushToHubError(
+        f"Could not push to the Hub repository {repo_id!r} ({type(error).__name__}: {error}). The export is complete "
+        f"on disk at {Path(export_dir).resolve()}; push it later with: python recipes/export.py "
+        f"{Path(export_dir).resolve()} --push_to_hub --hub_model_id {repo_id}"
+    )
+    failure.__cause__ = error
+    return failure
 
 
 def export_backbone(
@@ -114,12 +143,13 @@ def export_backbone(
 
     # 1. weights: the backbone in its own format
     lora = model.config.lora or model.config.merged_lora
+    adapter = None
     if is_lora_model(model) and not merge_lora:
-        model.backbone.save_pretrained(str(output_dir))
+        adapter = save_portable_adapter(model, output_dir)
         backbone = model.backbone.get_base_model()
         logger.warning(
-            f"Exported LoRA adapters only (merge_lora=False) to {output_dir}: load them with peft on top of "
-            f"{backbone.config.name_or_path or 'the base model'}."
+            f"Exported LoRA adapters only (merge_lora=False) to {output_dir}: AutoModel.from_pretrained loads them "
+            f"on top of {adapter['base_model']} (peft needed)."
         )
     else:
         backbone = merged_backbone(model)
@@ -137,6 +167,7 @@ def export_backbone(
     card = render_model_card(
         backbone, training, eval_results=eval_results, eval_split=eval_split, card_data=card_data, repo_id=repo_id,
         folder_name=output_dir.name, template_path=template_path, citations=objective_citations(model),
+        processor=processor, adapter=adapter,
     )
     card.save(str(output_dir / "README.md"))
     logger.info(f"Exported the {backbone.config.model_type} backbone to {output_dir}.")
@@ -151,6 +182,63 @@ def _load_processor(folder: Path) -> Any:
     except (OSError, ValueError, TypeError) as error:
         logger.warning(f"No processor could be loaded from {folder} ({error}); pass `processor=`.")
         return None
+
+
+def save_portable_adapter(model: GapClipModel, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write ``model``'s LoRA adapters in peft's format, loadable from any working directory and complete.
+
+    - ``adapter_config.json`` names the base model by its Hub id or absolute path; a base that is neither (trained
+      from scratch, or a relative path that no longer resolves) is written to ``output_dir/base_model`` (the frozen
+      base weights, without adapters) and named by that folder's absolute path.
+    - ``adapter_model.safetensors`` also holds the trained ``logit_scale`` (and SigLIP's ``logit_bias``), which train
+      under LoRA but are not adapter weights: peft and ``AutoModel.from_pretrained`` load them with the adapters.
+    - ``gapclip_terms.safetensors`` holds the gap terms' own parameters (e.g. CUSA's temperatures, DIAS's β), which
+      only training uses.
+
+    Returns ``{"base_model", "extra_parameters", "terms_file"}`` for the card.
+    """
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    output_dir = Path(output_dir)
+    peft_model = model.backbone
+    peft_config = peft_model.peft_config[peft_model.active_adapter]
+    recorded = peft_config.base_model_name_or_path
+    base = _portable_reference(recorded)
+    if base is None:
+        base_dir = output_dir / "base_model"
+        copy.deepcopy(peft_model).unload().save_pretrained(str(base_dir))
+        base = str(base_dir.resolve())
+        logger.warning(f"The LoRA base model ({recorded or 'trained from scratch'}) has no Hub id or folder to refer "
+                       f"to: its weights are exported to {base_dir}.")
+    peft_config.base_model_name_or_path = base
+    try:
+        peft_model.save_pretrained(str(output_dir))
+    finally:
+        peft_config.base_model_name_or_path = recorded
+    weights_path = output_dir / "adapter_model.safetensors"
+    weights = load_file(str(weights_path))
+    base_model = peft_model.get_base_model()
+    extra = [name for name in _ADAPTER_EXTRA_PARAMETERS if isinstance(getattr(base_model, name, None), nn.Parameter)]
+    for name in extra:
+        weights[f"base_model.model.{name}"] = getattr(base_model, name).detach().cpu().clone()
+    save_file(weights, str(weights_path), metadata={"format": "pt"})
+    term_state = {f"gap_terms.{key}": value.detach().cpu().contiguous() for key, value in
+                  model.gap_terms.state_dict().items()}
+    if term_state:
+        save_file(term_state, str(output_dir / TERMS_WEIGHTS_NAME), metadata={"format": "pt"})
+    return {"base_model": base, "extra_parameters": extra, "terms_file": TERMS_WEIGHTS_NAME if term_state else None,
+            "term_parameters": sorted(term_state)}
+
+
+def _portable_reference(name_or_path: str | None) -> str | None:
+    """A base model reference that works from any working directory: an existing folder made absolute, or a Hub id."""
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        return os.path.abspath(name_or_path)
+    return _hub_id(name_or_path)
 
 
 def training_config(
@@ -175,12 +263,14 @@ def training_config(
             "name": spec["name"], "weight": spec["weight"], "options": options,
             "class": TERM_REGISTRY[spec["name"]].__name__ if spec["name"] in TERM_REGISTRY else None,
         })
+    recorded = getattr(config, "training_run", None) or {}
     return {
         "gapclip_version": __version__,
         "backbone": {
             "model_type": backbone_config.model_type,
             "architectures": getattr(backbone_config, "architectures", None),
             "base_model": _hub_id(backbone_config.name_or_path),
+            "base_model_name_or_path": backbone_config.name_or_path or None,
         },
         "base_loss": base_loss,
         "base_loss_options": base_loss_options,
@@ -189,7 +279,9 @@ def training_config(
         "gather_with_grad": config.gather_with_grad,
         "lora": dict(lora) if lora else None,
         "lora_merged": lora_merged,
-        "training": _hyperparameters(training_args),
+        # a standalone export (recipes/export.py) finds what the training run recorded in the checkpoint's config
+        "training": hyperparameters(training_args) if training_args is not None else recorded.get("hyperparameters"),
+        "training_data": recorded.get("training_data"),
     }
 
 
@@ -209,7 +301,8 @@ def _registry_citations(training: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(text for text in (getattr(cls, "citation", "") for cls in classes) if text))
 
 
-def _hyperparameters(training_args: Any) -> dict[str, Any] | None:
+def hyperparameters(training_args: Any) -> dict[str, Any] | None:
+    """The recorded training hyper-parameters of a `TrainingArguments` (or a dict), JSON-able, enums as strings."""
     if training_args is None:
         return None
     if isinstance(training_args, Mapping):
@@ -224,6 +317,8 @@ def _hyperparameters(training_args: Any) -> dict[str, Any] | None:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):  # before str: SchedulerType is a str Enum that prints as "SchedulerType.COSINE"
+        return _jsonable(value.value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
@@ -286,19 +381,33 @@ def render_model_card(
     folder_name: str = "model",
     template_path: str | os.PathLike | None = None,
     citations: list[str] | None = None,
+    processor: Any = None,
+    adapter: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The release card: metadata (``ModelCardData`` with ``model-index``) + the gapclip template.
 
+    The title and model-index name are the repository name of ``repo_id``, else ``<base model>-<method>`` (e.g.
+    ``clip-vit-base-patch16-lgmgc``; ``clip-scratch-lgmgc`` without a base model); ``folder_name`` is not used for
+    them (an export folder is usually called ``export``) and is kept for the usage snippet only.
+
     ``citations`` (BibTeX entries) default to those of the base loss and the gap terms ``training`` names, as the
-    registry knows them (:func:`objective_citations` gives them from the model itself).
+    registry knows them (:func:`objective_citations` gives them from the model itself). ``processor`` gives the
+    maximum sequence length; ``adapter`` describes a kept LoRA adapter (:func:`save_portable_adapter`).
     """
     template_path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
     if not template_path.is_file():
         raise FileNotFoundError(f"Model card template not found: {str(template_path)!r}.")
     family = backbone.config.model_type
     overrides = dict(card_data or {})
-    model_name = overrides.pop("model_name", None) or (repo_id.split("/")[-1] if repo_id else folder_name)
+    base_reference = training["backbone"].get("base_model_name_or_path")
+    method = method_name(training)
+    model_name = overrides.pop("model_name", None) or _default_model_name(repo_id, base_reference, family, method)
     base_model = overrides.pop("base_model", training["backbone"]["base_model"])
+    training_data = training.get("training_data")
+    if "datasets" not in overrides and training_data and training_data.get("source") == "hub":
+        hub_dataset = _hub_id(training_data.get("location"))
+        if hub_dataset:
+            overrides["datasets"] = [hub_dataset]
     results = eval_results_for_card(eval_results, eval_split)
     data = ModelCardData(
         model_name=model_name,
@@ -318,8 +427,16 @@ def render_model_card(
         model_name=model_name,
         repo_id=repo_id or f"path/to/{folder_name}",
         base_model=base_model,
+        base_text=_base_text(base_model, base_reference),
+        method=method,
         backbone_family=_FAMILY_NAMES.get(family, family),
         architecture=type(backbone).__name__,
+        embedding_dim=_embedding_dim(backbone.config),
+        max_sequence_length=_max_sequence_length(backbone.config, processor),
+        image_size=getattr(getattr(backbone.config, "vision_config", None), "image_size", None),
+        training_data=_describe_training_data(training_data),
+        framework_versions=framework_versions(with_peft=bool(training.get("lora"))),
+        adapter=adapter,
         padding='"max_length"' if family in ("siglip", "siglip2") else "True",
         base_loss=training["base_loss"],
         gap_terms=training["gap_terms"],
@@ -329,6 +446,90 @@ def render_model_card(
         citations=citations,
         license=data.license,
     )
+
+
+def method_name(training: Mapping[str, Any]) -> str:
+    """The training method of a training config: the papers its gap terms come from (``LG-MGC``, ``DIAS+CUSA``,
+    a user term's own name), or the base loss alone (``infonce``)."""
+    from .losses import TERM_REGISTRY
+
+    methods: list[str] = []
+    for term in training.get("gap_terms", []):
+        cls = TERM_REGISTRY.get(term["name"])
+        method = _METHOD_OF_MODULE.get(cls.__module__, term["name"]) if cls is not None else term["name"]
+        if method not in methods:
+            methods.append(method)
+    return "+".join(methods) if methods else str(training.get("base_loss"))
+
+
+def _default_model_name(repo_id: str | None, base: str | None, family: str, method: str) -> str:
+    if repo_id:
+        return repo_id.split("/")[-1]
+    stem = Path(base.rstrip("/")).name if base else f"{family}-scratch"
+    return f"{stem}-{re.sub(r'[^a-z0-9+]+', '', method.lower())}"
+
+
+def _base_text(hub_id: str | None, name_or_path: str | None) -> str | None:
+    """How the card names the base model: its Hub id, or a local folder by its name only (a public card should not
+    show the trainer's file system; ``gapclip_training.json`` keeps the full path)."""
+    if hub_id:
+        return f"`{hub_id}`"
+    return f"the local model `{Path(name_or_path.rstrip('/')).name}`" if name_or_path else None
+
+
+def _embedding_dim(config: Any) -> int | None:
+    """Width of the retrieval embeddings: the projection of CLIP / VisionTextDualEncoder, SigLIP's text head."""
+    if getattr(config, "projection_dim", None):
+        return int(config.projection_dim)
+    text = getattr(config, "text_config", None)
+    value = getattr(text, "projection_size", None) or getattr(text, "hidden_size", None)
+    return int(value) if value else None
+
+
+def _max_sequence_length(config: Any, processor: Any) -> int | None:
+    """Longest caption in tokens: the tokenizer's limit when it sets one, else the text tower's positions."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    value = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def _describe_training_data(data: Mapping[str, Any] | None) -> str | None:
+    """One sentence on what the model was trained on (as sentence-transformers' cards give the training dataset)."""
+    if not data:
+        return None
+    if data.get("source") == "demo":
+        what = "the offline synthetic gapclip demo set (coloured shapes with generated captions)"
+    else:
+        location = data.get("location")
+        if location and not _hub_id(location):  # a local file: its name, not the trainer's file system
+            location = Path(location).name
+        where = f", `{location}`" if location else ""
+        what = f"the `{data.get('split')}` split of `{data.get('name')}` ({data.get('source')}{where})"
+    sizes = ""
+    if data.get("images") is not None:
+        sizes = f": {data['images']:,} images, {data['captions']:,} captions"
+    pairs = ("one caption per image per epoch" if data.get("pair_mode") == "one_per_image"
+             else "every (image, caption) pair each epoch")
+    translations = ", with generated image translations (LG-MGC GST)" if data.get("translations") else ""
+    return f"{what}{sizes}; {pairs}{translations}"
+
+
+def framework_versions(*, with_peft: bool = False) -> dict[str, str]:
+    """Python and library versions, as the card lists them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"Python": platform.python_version()}
+    for display, distribution in _FRAMEWORKS:
+        if distribution == "peft" and not with_peft:
+            continue
+        try:
+            versions[display] = version(distribution)
+        except PackageNotFoundError:
+            continue
+    return versions
 
 
 def _results_table(eval_results: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
@@ -368,11 +569,18 @@ def push_exported(
 
 __all__ = [
     "CARD_METRICS",
+    "TERMS_WEIGHTS_NAME",
     "TRAINING_CONFIG_NAME",
+    "PushToHubError",
     "eval_results_for_card",
     "export_backbone",
+    "framework_versions",
+    "hyperparameters",
+    "method_name",
     "normalise_eval_results",
     "push_exported",
+    "push_failed_error",
     "render_model_card",
+    "save_portable_adapter",
     "training_config",
 ]

@@ -8,13 +8,16 @@ Unicom ViT-B/32). Their embeddings are computed offline by :func:`precompute_tea
 - tensors ``image_embeds`` ``[N, T_img]`` and ``text_embeds`` ``[M, T_txt]`` (float32, L2-normalised);
 - metadata (all strings): ``format``, ``text_teacher``, ``image_teacher``, ``image_pooling``, ``image_dim``,
   ``text_dim``, ``num_images``, ``num_captions``, ``batch_size``, ``dataset_fingerprint``, ``image_ids`` (JSON list,
-  row order of ``image_embeds``) and ``caption_counts`` (JSON list: captions per image). Caption rows follow the
+  row order of ``image_embeds``), ``caption_counts`` (JSON list: captions per image), ``caption_digests`` (JSON list:
+  a short hash of each image's caption texts) and, with an image model as teacher, ``image_digests`` (a short hash of
+  each image file's name and size, or of the image's bytes when the dataset embeds them). Caption rows follow the
   images: image ``i``'s captions ``0..counts[i]-1`` are consecutive, and caption ``k`` of image ``id`` has the
   caption id ``f"{id}#{k}"`` (see :func:`caption_id`). Counts rather than a list of caption ids keep the header
   small (the safetensors header is limited to 100 MB) while every caption id can still be looked up.
 
 :class:`TeacherStore` loads the file and looks embeddings up by id; :func:`check_coverage` checks that a dataset's
-images and captions are all covered.
+images and captions are all covered, and that they are still the data the embeddings were computed from (the
+digests): a caption edited or an image file replaced under the same id is an error naming the changed ids.
 """
 
 from __future__ import annotations
@@ -147,6 +150,41 @@ def _images_of(splits: Sequence[Dataset], start: int, stop: int) -> list[Any]:
             images.extend(split.select_columns(["image"])[lo - offset : hi - offset]["image"])
         offset += len(split)
     return images
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _caption_digests(captions: list[list[str]]) -> list[str]:
+    """A short hash of each image's caption texts (order included: caption ``k`` is looked up by index)."""
+    return [_digest(json.dumps(caps, ensure_ascii=False).encode("utf-8")) for caps in captions]
+
+
+def _image_digests(splits: Sequence[Dataset], batch_size: int = 512) -> list[str]:
+    """A short hash per image: of its file's name and size (a stat, no read), or of its bytes when embedded.
+
+    Name and size are cheap enough to check at every training start on COCO-size data and survive copying the
+    dataset to another folder or machine; an image replaced by another of exactly the same size goes unnoticed.
+    """
+    from datasets import Image
+
+    digests: list[str] = []
+    for split in splits:
+        column = split.select_columns(["image"]).cast_column("image", Image(decode=False))
+        for start in range(0, len(column), batch_size):
+            for value in column[start : start + batch_size]["image"]:
+                if value.get("bytes") is not None:
+                    digests.append(_digest(value["bytes"]))
+                else:
+                    path = value.get("path") or ""
+                    size = os.path.getsize(path) if os.path.isfile(path) else -1
+                    digests.append(_digest(f"{os.path.basename(path)}\0{size}".encode("utf-8")))
+    return digests
+
+
+def _legacy_fingerprint(image_ids: list[str], captions: list[list[str]]) -> str:
+    return hashlib.sha256(json.dumps([image_ids, captions], ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,7 +329,11 @@ def precompute_teachers(
     splits = _as_splits(dataset, need_images=not use_captions)
     image_ids, captions = _ids_and_captions(splits)
     _check_ids(image_ids, captions)
-    fingerprint = hashlib.sha256(json.dumps([image_ids, captions], ensure_ascii=False).encode("utf-8")).hexdigest()
+    caption_digests = _caption_digests(captions)
+    image_digests = None if use_captions else _image_digests(splits)
+    fingerprint = _legacy_fingerprint(image_ids, captions)
+    if image_digests is not None:  # the images matter only when an image model embeds them
+        fingerprint = _digest(json.dumps([fingerprint, image_digests]).encode("utf-8"))
     settings = {
         "format": FORMAT,
         "text_teacher": str(text_teacher) if text_teacher is not None else DEFAULT_TEXT_TEACHER_NAME,
@@ -366,6 +408,8 @@ def precompute_teachers(
         "num_captions": str(text_embeds.shape[0]),
         "image_ids": json.dumps(image_ids, ensure_ascii=False),
         "caption_counts": json.dumps([len(c) for c in captions]),
+        "caption_digests": json.dumps(caption_digests),
+        **({"image_digests": json.dumps(image_digests)} if image_digests is not None else {}),
     }
     _write_atomic(final_path, _safetensors_bytes({"image_embeds": image_embeds, "text_embeds": text_embeds}, metadata))
     if not keep_shards:
@@ -529,7 +573,58 @@ def check_coverage(store: TeacherStore, dataset: Dataset | DatasetDict) -> dict[
             f"Teacher embeddings {store.path or ''} do not cover the dataset: missing {' and '.join(parts)}. "
             "Recompute them for this dataset with recipes/precompute_teachers.py (same image ids and captions)."
         )
+    check_fingerprint(store, dataset)
     return {"num_images": len(image_ids), "num_captions": num_captions}
+
+
+_RECOMPUTE = (
+    "Recompute them: run recipes/precompute_teachers.py with the same dataset and teacher flags (it recomputes a file "
+    "whose data changed), or delete the file (the CUSA training recipe then computes it again)."
+)
+
+
+def check_fingerprint(store: TeacherStore, dataset: Dataset | DatasetDict) -> None:
+    """Check that ``dataset``'s captions (and, for an image-model teacher, its image files) are those the embeddings
+    in ``store`` were computed from, image by image.
+
+    Raises:
+        ValueError: naming how many images changed, examples of their ids, and how to recompute.
+    """
+    splits = _as_splits(dataset, need_images=False)
+    image_ids, captions = _ids_and_captions(splits)
+    where = store.path or "(in memory)"
+    if "caption_digests" not in store.metadata:  # a file written before per-image digests
+        if store.image_ids == image_ids:
+            if _legacy_fingerprint(image_ids, captions) != store.metadata.get("dataset_fingerprint"):
+                raise ValueError(
+                    f"Teacher embeddings {where} are stale: the dataset's caption texts differ from those they were "
+                    f"computed from (same image ids). {_RECOMPUTE}"
+                )
+        else:
+            logger.warning(
+                f"Teacher embeddings {where} predate per-image fingerprints and cover other images than this dataset; "
+                "whether its captions changed since cannot be checked. Recompute them to enable the check."
+            )
+        return
+    rows = store.image_rows(image_ids)
+    stored = json.loads(store.metadata["caption_digests"])
+    changed = {
+        "captions": [i for i, row, new in zip(image_ids, rows, _caption_digests(captions)) if stored[row] != new]
+    }
+    if "image_digests" in store.metadata and all("image" in split.column_names for split in splits):
+        stored = json.loads(store.metadata["image_digests"])
+        changed["image files"] = [
+            i for i, row, new in zip(image_ids, rows, _image_digests(splits)) if stored[row] != new
+        ]
+    parts = [
+        f"the {what} of {len(ids)} of {len(image_ids)} images changed (e.g. image_id(s) {ids[:_MAX_EXAMPLES]})"
+        for what, ids in changed.items() if ids
+    ]
+    if parts:
+        raise ValueError(
+            f"Teacher embeddings {where} are stale for this dataset: since they were computed, {' and '.join(parts)}. "
+            f"{_RECOMPUTE}"
+        )
 
 
 __all__ = [
@@ -539,5 +634,6 @@ __all__ = [
     "TeacherStore",
     "caption_id",
     "check_coverage",
+    "check_fingerprint",
     "precompute_teachers",
 ]

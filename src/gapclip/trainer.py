@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,14 +46,16 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
     The loss is the model's own (base + Σ weight·term, with ``return_loss=True`` coming from the collator);
     this class only adds:
 
-    - each unweighted term logged by name next to ``loss`` (``loss_base``, ``loss_lsc`` ...), in training and in
-      evaluation (``eval_loss_*``);
+    - each unweighted term logged by name next to ``loss`` (``loss_base``, ``loss_lsc`` ...), in training (averaged
+      over the applied steps by :class:`~gapclip.nonfinite.NonFiniteGuardMixin`) and in evaluation (``eval_loss_*``);
     - :meth:`evaluate` runs image↔text retrieval on a caption dataset (every image, all its captions) and returns
       ``eval_i2t_r1 … eval_rsum, eval_modality_gap``, plus the metrics of the given ``evaluators`` (ECCV, uni-modal,
       STS: :mod:`gapclip.evaluation.evaluators`), so ``metric_for_best_model="rsum"`` (or any of those) and
       ``load_best_model_at_end`` work;
     - reliability: a non-finite loss/gradient skips its step (:mod:`gapclip.nonfinite`, ``max_nonfinite_steps``);
-      a checkpoint appears as ``checkpoint-N`` only when complete (:mod:`gapclip.checkpoints`); the batch
+      skipped steps are logged as ``skipped_steps`` (a count per logging window, and ``train_skipped_steps`` in the
+      final metrics) and left out of the averaged ``loss``/``loss_<term>`` and ``train_loss``; a checkpoint
+      appears as ``checkpoint-N`` only when complete (:mod:`gapclip.checkpoints`); the batch
       sampler's state (``state_dict``/``load_state_dict``) is saved with each checkpoint and restored on resume;
       resuming a checkpoint trained with other ``gap_terms``/``base_loss`` is a ``ValueError`` naming both.
 
@@ -97,8 +99,6 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
         self.eval_loss_terms = eval_loss_terms
         # Our forward takes no `num_items_in_batch`: let the Trainer scale the loss for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        self._term_sums: dict[str, torch.Tensor | float] = {}
-        self._term_count = 0
         self.add_callback(EpochCallback(self.train_dataset, self.train_batch_sampler))
 
     def get_train_dataloader(self):
@@ -123,23 +123,9 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
         if outputs.loss is None:
             raise ValueError("The model returned no loss: the collator must pass `return_loss=True`.")
         if model.training:
-            # Logged by `training_step` once the step is known to be finite.
+            # Booked by the non-finite guard (`training_step`) and logged once the step is known to be applied.
             self._last_loss_terms = {name: value.detach() for name, value in (outputs.loss_terms or {}).items()}
         return (outputs.loss, outputs) if return_outputs else outputs.loss
-
-    def on_finite_loss_terms(self, loss_terms: Mapping[str, torch.Tensor]) -> None:
-        if loss_terms:
-            for name, value in loss_terms.items():  # summed on the device, read when logged
-                self._term_sums[name] = self._term_sums.get(name, 0.0) + value.float()
-            self._term_count += 1
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._term_count:
-            for name, total in self._term_sums.items():
-                logs[f"loss_{name}"] = round(float(total) / self._term_count, 6)
-            self._term_sums.clear()
-            self._term_count = 0
-        super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints and resume
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):

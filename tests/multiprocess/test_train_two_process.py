@@ -32,7 +32,7 @@ def test_lgmgc_recipe_trains_on_two_processes(tiny_demo_root, gapclip_cache, tmp
         "--scratch_width", "32", "--scratch_layers", "1", "--max_steps", "3", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8", "--output_dir", str(out), "--no_lsc", "--no_gst", "--eval_strategy", "no",
         "--save_strategy", "no", "--load_best_model_at_end", "false", "--report_to", "none", "--disable_tqdm", "true",
-        "--logging_steps", "1", "--dataloader_pin_memory", "false",
+        "--logging_steps", "1", "--dataloader_pin_memory", "false", "--verify_images",
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -42,5 +42,7 @@ def test_lgmgc_recipe_trains_on_two_processes(tiny_demo_root, gapclip_cache, tmp
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert any("loss_base" in entry for entry in state["log_history"])
-    # Only the main process prints the table.
+    # Only the main process prints the table and the summary; the two processes shared the image verification.
     assert len(re.findall(r"^\| after training +\|", result.stdout, re.M)) == 1
+    assert result.stdout.count(f"Run finished: {out.resolve()}") == 1
+    assert result.stderr.count("--verify_images: every image of the ['train', 'validation', 'test'] split(s)") == 1

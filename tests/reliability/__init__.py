@@ -26,3 +26,18 @@ def step_losses(folder: Path) -> dict[int, float]:
     """step -> logged training loss, from ``trainer_state.json``."""
     state = json.loads((Path(folder) / "trainer_state.json").read_text())
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def save_with_bad_training_images(datasets, folder: Path, bad_rows: set[int]) -> str:
+    """The demo splits saved with ``save_to_disk`` (a ``--dataset hub`` folder), the first 16 training images kept
+    and those at ``bad_rows`` replaced by bytes that are not an image; returns the folder."""
+    from datasets import DatasetDict, Image
+
+    train = datasets["train"].select(range(16)).cast_column("image", Image(decode=False))
+    train = train.map(
+        lambda row, i: {"image": {"bytes": b"not an image", "path": None}} if i in bad_rows else {},
+        with_indices=True,
+    ).cast_column("image", Image())
+    DatasetDict({"train": train, "validation": datasets["validation"], "test": datasets["test"]}).save_to_disk(
+        str(folder))
+    return str(folder)

@@ -139,6 +139,30 @@ def test_inf_gradient_with_a_finite_loss(tiny_demo_processor, tiny_demo_datasets
         assert all(p.grad is None for p in model.parameters())  # zeroed: AdamW leaves every parameter untouched
 
 
+def test_skipped_steps_are_counted_and_left_out_of_the_logged_loss(lgmgc, probe, tiny_demo_root, tmp_path):
+    """A skipped step is logged as ``skipped_steps``, not as a loss of 0.0 averaged into the window."""
+    def logged(out, *extra):
+        probe.calls = 0
+        result = lgmgc.main(flags(out, 3, "--save_strategy", "no", *extra))
+        return result, [e for e in result["trainer"].state.log_history if "learning_rate" in e]  # training logs
+
+    probe.nan_calls = {2}  # optimizer step 2 of 3 is skipped
+    every_step, history = logged(tmp_path / "every")
+    by_step = {e["step"]: e for e in history}
+    assert "loss" in by_step[1] and "skipped_steps" not in by_step[1]
+    assert by_step[2]["skipped_steps"] == 1 and "loss" not in by_step[2]  # nothing finite to average
+    first, third = by_step[1]["loss"], by_step[3]["loss"]
+
+    windowed, history = logged(tmp_path / "windowed", "--logging_steps", "2")
+    (window,) = [e for e in history if e["step"] == 2]
+    assert window["skipped_steps"] == 1
+    assert window["loss"] == pytest.approx(first, rel=1e-6)  # the finite step alone, not (first + 0) / 2
+    assert window[f"loss_{TERM}"] == pytest.approx(by_step[1][f"loss_{TERM}"], rel=1e-6)
+    metrics = windowed["train"]
+    assert metrics["train_skipped_steps"] == 1
+    assert metrics["train_loss"] == pytest.approx((first + third) / 2, rel=1e-6)  # over the 2 finite steps
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # NonFiniteGuard on its own: the whole decision, micro-batch by micro-batch
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,3 +212,23 @@ def test_guard_gradient_check():
     assert NonFiniteGuard.gradients_finite(layer).item() is True
     layer.weight.grad[0, 0] = float("inf")
     assert NonFiniteGuard.gradients_finite(layer).item() is False
+
+
+def test_guard_books_applied_steps_and_counts_skipped_ones():
+    """A step's kept micro-batches wait for its end: a step spoilt by a later micro-batch is in no average."""
+    from gapclip.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard(3)
+    guard.update(0, torch.tensor(2.0), {"lsc": torch.tensor(0.5)})
+    guard.update(0, torch.tensor(4.0), {"lsc": torch.tensor(1.5)})  # step 0: two finite micro-batches
+    guard.update(1, torch.tensor(8.0), {"lsc": torch.tensor(9.0)})  # kept for now ...
+    guard.update(1, NAN, {"lsc": NAN})  # ... until the step's second micro-batch spoils it
+    guard.update(2, torch.tensor(1.0), {"lsc": torch.tensor(2.0)})
+    guard.close_step()
+    guard.close_step()  # booking is once per step
+    window = guard.take_window()
+    assert (float(window.loss), window.steps, window.skipped, window.micro_batches) == (7.0, 2, 1, 3)
+    assert float(window.terms["lsc"]) == 4.0  # 0.5 + 1.5 + 2.0: the spoilt step's 9.0 is nowhere
+    assert guard.take_window().steps == 0 and guard.session.steps == 2 and guard.session.skipped == 1
+    guard.start_session()
+    assert (guard.session.steps, guard.session.skipped) == (0, 0)

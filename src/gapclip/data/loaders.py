@@ -135,8 +135,25 @@ def _check_duplicate_ids(ids: Iterable[str], *, source: str) -> None:
 
 
 def _check_image_file(path: str, *, image_id: str, where: str) -> None:
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{where}: image path {path!r} of image_id={image_id!r} is a directory, not an image file."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: image file {path!r} of image_id={image_id!r} does not exist.")
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> ValueError:
+    """The first line of ``path`` that is not valid UTF-8, as an error naming the file, line and byte."""
+    for number, line in enumerate(path.read_bytes().splitlines(keepends=True), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return ValueError(
+                f"{path}, line {number}: not valid UTF-8 (byte 0x{line[bad.start]:02x} at column {bad.start + 1}). "
+                "gapclip reads text files as UTF-8: re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+            )
+    return ValueError(f"{path}: not valid UTF-8 ({err}).")
 
 
 def _records_generator(shards: list[list[Record]]) -> Iterator[Record]:
@@ -179,7 +196,7 @@ def read_translations(path: str | os.PathLike) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"translations file {str(path)!r} does not exist.")
     table: dict[str, str] = {}
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_number, row in _iter_json_objects(handle, path):
             if "image_id" not in row or "translation" not in row:
                 raise ValueError(
@@ -197,6 +214,13 @@ def read_translations(path: str | os.PathLike) -> dict[str, str]:
 
 def _iter_json_objects(handle: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSONL file; anything else is an error naming the line."""
+    try:
+        yield from _json_lines(handle, path)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def _json_lines(handle: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     for line_number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
@@ -326,10 +350,12 @@ def _read_karpathy_records(
     json_path: Path, image_root: Path, *, use_restval: bool, wanted: set[str] | None
 ) -> dict[str, list[Record]]:
     try:
-        with json_path.open(encoding="utf-8") as handle:
+        with json_path.open(encoding="utf-8-sig") as handle:
             data = json.load(handle)
     except json.JSONDecodeError as err:
         raise ValueError(f"Karpathy JSON {str(json_path)!r} is not valid JSON ({err}).") from err
+    except UnicodeDecodeError as err:
+        raise _not_utf8(json_path, err) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         got = type(data).__name__ if not isinstance(data, dict) else f"a dict with keys {sorted(data)}"
         raise ValueError(  # noqa: TRY004 - malformed file content, not a wrong argument type
@@ -369,11 +395,26 @@ def _read_karpathy_records(
                 raise ValueError(f"{where}.sentences[{s_index}]: missing key 'raw' (got {sentence!r}).")
             raw_captions.append(sentence["raw"])
         captions = _clean_captions(raw_captions, image_id=image_id, source=where)
-        path = image_root / entry.get("filepath", "") / entry["filename"]
+        path = image_root / _inside_root(entry.get("filepath") or "", entry["filename"], image_root, where=where)
         _check_image_file(str(path), image_id=image_id, where=where)
         split_records[split].append({"image_id": image_id, "image": str(path), "captions": captions})
     _check_duplicate_ids(all_ids, source=f"Karpathy JSON {str(json_path)!r}")
     return split_records
+
+
+def _inside_root(filepath: Any, filename: Any, image_root: Path, *, where: str) -> str:
+    """``filepath/filename`` when it stays inside ``image_root``; a downloaded split file must not make gapclip read
+    files elsewhere (``../``, an absolute path)."""
+    if not isinstance(filepath, str) or not isinstance(filename, str) or not filename:
+        raise ValueError(f"{where}: 'filepath' and 'filename' must be strings, got {filepath!r} and {filename!r}.")
+    relative = os.path.normpath(os.path.join(filepath, filename))
+    if os.path.isabs(relative) or relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise ValueError(
+            f"{where}: image path {os.path.join(filepath, filename)!r} (filepath {filepath!r} + filename "
+            f"{filename!r}) leads outside --image_root {str(image_root)!r}; Karpathy image paths must stay inside the "
+            "image root."
+        )
+    return relative
 
 
 def load_karpathy(
@@ -413,8 +454,15 @@ def load_karpathy(
 # CSV / JSONL caption files
 # ---------------------------------------------------------------------------------------------------------------------
 def _iter_caption_file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        yield from _caption_file_rows(path)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def _caption_file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         if suffix in (".csv", ".tsv"):
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
             for line_number, row in enumerate(reader, start=2):
