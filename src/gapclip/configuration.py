@@ -109,7 +109,10 @@ class GapClipConfig(PretrainedConfig):
     def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
         """The backbone's text config: its special tokens are the ones the tokenizer must match (the `Trainer` aligns
         them before training)."""
-        return self.backbone_config.get_text_config(*args, **kwargs)
+        backbone = self.__dict__.get("backbone_config")
+        if backbone is None:  # called by PretrainedConfig.__init__'s checks, before the backbone is attached
+            return super().get_text_config(*args, **kwargs)
+        return backbone.get_text_config(*args, **kwargs)
 
     @property
     def resolved_base_loss(self) -> str:

@@ -66,7 +66,7 @@ class StudySettings:
     learning_rates: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {"pretrained": (3e-5, 1e-4, 3e-4), "scratch": (3e-4, 1e-3, 3e-3)}
     )
-    epochs: dict[str, int] = field(default_factory=lambda: {"pretrained": 3, "scratch": 8})
+    epochs: dict[str, int] = field(default_factory=lambda: {"pretrained": 2, "scratch": 5})
     weight_factors: tuple[float, ...] = (0.1, 1.0, 10.0)
     batch_size: int = 64
     eval_batch_size: int = 128

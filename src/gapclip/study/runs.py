@@ -93,8 +93,9 @@ def evaluate_split(model: Any, dataset: Any, processor: Any, *, batch_size: int 
     embedded = embed_caption_dataset(model, dataset, processor, batch_size=batch_size, show_progress=False)
     i2t, t2i = retrieval_ranks(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image)
     metrics = metrics_from_ranks(i2t, t2i)
-    metrics["modality_gap"] = modality_gap(
-        embedded.image_embeds, embedded.text_embeds, text_to_image=embedded.text_to_image, num_pairs=1000
+    metrics["modality_gap"] = modality_gap(  # on 1,000 pairs, as LG-MGC reports it (all, on smaller splits)
+        embedded.image_embeds, embedded.text_embeds, text_to_image=embedded.text_to_image,
+        num_pairs=min(1000, len(dataset)),
     )
     return metrics, i2t.cpu().numpy().astype(np.int32), t2i.cpu().numpy().astype(np.int32)
 
@@ -108,6 +109,7 @@ class KeepBestOnValidation(TrainerCallback):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch = 0
         self.best_rsum = -math.inf
+        self.best_metrics: dict[str, float] | None = None
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         metrics, _, _ = evaluate_split(model, self.validation, self.processor, batch_size=self.batch_size)
@@ -212,6 +214,7 @@ def train_and_evaluate(spec: RunSpec, context: RunContext) -> dict[str, Any]:
     else:
         record["validation"] = record["test"] = None
     record["wall_seconds"] = round(time.time() - start, 2)
+    record["torch_threads"] = torch.get_num_threads()
     trainer.accelerator.free_memory()
     return {"record": record, "ranks": ranks}
 
