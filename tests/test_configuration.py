@@ -272,6 +272,17 @@ def test_lora_settings_are_declared_fields():
         GapClipConfig(lora=4)
 
 
+def test_training_run_is_a_declared_field(tmp_path):
+    """What a recipe records about its run (hyper-parameters, training data) survives save/load for the card."""
+    assert GapClipConfig().training_run is None
+    run = {"hyperparameters": {"learning_rate": 5e-4}, "training_data": {"name": "demo", "images": 64}}
+    config = GapClipConfig(tiny_clip_config(), training_run=run)
+    config.save_pretrained(tmp_path)
+    assert GapClipConfig.from_pretrained(tmp_path).training_run == run
+    with pytest.raises(TypeError, match="training_run must be a dict or None, got str"):
+        GapClipConfig(training_run="demo")
+
+
 def test_auto_classes_are_registered(tmp_path, test_term):
     torch.manual_seed(0)
     config = GapClipConfig(tiny_clip_config(), gap_terms=[{"name": TEST_TERM, "weight": 0.5}])

@@ -45,6 +45,9 @@ class GapClipConfig(PretrainedConfig):
             so a LoRA checkpoint loads into them. `None`: no adapters.
         merged_lora (`dict`, *optional*):
             The settings of adapters merged into the weights by `gapclip.lora.merge_lora` (provenance only).
+        training_run (`dict`, *optional*):
+            What the training recipe that trained the model recorded: its hyper-parameters and a description of the
+            training data (provenance only: a later `gapclip.hub.export_backbone` writes them into the card).
 
     Example::
 
@@ -67,6 +70,7 @@ class GapClipConfig(PretrainedConfig):
         logit_scale_max: float = 100.0,
         lora: dict[str, Any] | None = None,
         merged_lora: dict[str, Any] | None = None,
+        training_run: dict[str, Any] | None = None,
         **kwargs,
     ):
         if backbone_config is None:
@@ -88,6 +92,8 @@ class GapClipConfig(PretrainedConfig):
         for name, value in (("lora", lora), ("merged_lora", merged_lora)):
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"{name} must be a dict of LoRA settings or None, got {type(value).__name__}.")
+        if training_run is not None and not isinstance(training_run, dict):
+            raise TypeError(f"training_run must be a dict or None, got {type(training_run).__name__}.")
         # PretrainedConfig.__init__ sets `_attn_implementation` (None unless given) recursively on the sub-configs: run it
         # before attaching the backbone config, which may be shared with a live backbone (`from_backbone`) whose
         # attention implementation must survive (with None, BERT towers ignore their padding mask).
@@ -105,6 +111,7 @@ class GapClipConfig(PretrainedConfig):
         self.logit_scale_max = logit_scale_max
         self.lora = dict(lora) if lora else None
         self.merged_lora = dict(merged_lora) if merged_lora else None
+        self.training_run = dict(training_run) if training_run else None
 
     def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
         """The backbone's text config: its special tokens are the ones the tokenizer must match (the `Trainer` aligns

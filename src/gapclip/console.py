@@ -93,9 +93,7 @@ def training_summary(output_dir: str | os.PathLike, model: Any, export_dir: Path
 
 def lora_state(config: Any) -> str:
     """Whether LoRA was on, with which settings, and where the adapters ended up."""
-    from .lora import LORA_CONFIG_KEY, MERGED_LORA_CONFIG_KEY
-
-    kept, merged = getattr(config, LORA_CONFIG_KEY, None), getattr(config, MERGED_LORA_CONFIG_KEY, None)
+    kept, merged = config.lora, config.merged_lora
     settings = kept or merged
     if not settings:
         return "off (the whole backbone was trained)"

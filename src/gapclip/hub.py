@@ -263,7 +263,7 @@ def training_config(
             "name": spec["name"], "weight": spec["weight"], "options": options,
             "class": TERM_REGISTRY[spec["name"]].__name__ if spec["name"] in TERM_REGISTRY else None,
         })
-    recorded = getattr(config, "training_run", None) or {}
+    recorded = config.training_run or {}
     return {
         "gapclip_version": __version__,
         "backbone": {
