@@ -78,6 +78,23 @@ def test_pretrained_clip_uses_the_wordpiece_tokenizer_and_is_reused(tiny_pretrai
     assert again == tiny_pretrained and (tiny_pretrained / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_a_pretraining_killed_after_its_training_is_reported_not_retrained(tiny_pretrained):
+    """Killed after the training run finished but before pretrain.json: the run record marks the training finished,
+    so the rerun trains nothing, overwrites nothing, and the report has the recorded results."""
+    from gapclip.pretrain import REPORT_NAME, PretrainSettings, pretrain_demo_backbone
+
+    report_file = tiny_pretrained.parents[1] / REPORT_NAME
+    report = json.loads(report_file.read_text())
+    assert report["train"]["train_loss"] > 0
+    stamp = (tiny_pretrained / "model.safetensors").stat().st_mtime_ns
+    report_file.unlink()
+    again = pretrain_demo_backbone(PretrainSettings(**TINY_PRETRAIN), root=tiny_pretrained.parents[2],
+                                   show_progress=False)
+    assert again == tiny_pretrained and (tiny_pretrained / "model.safetensors").stat().st_mtime_ns == stamp
+    redone = json.loads(report_file.read_text())
+    assert redone["train"] == report["train"] and redone["held_out"] == report["held_out"]
+
+
 def test_the_key_changes_with_every_setting():
     from gapclip.pretrain import PretrainSettings
 

@@ -249,12 +249,14 @@ def _finished_message(output_dir: str, record: dict[str, Any], training_args: An
 
 def report_finished(plan: RunPlan, training_args: Any, *, push_repo_id: str | None = None) -> dict[str, Any]:
     """For a ``"finished"`` plan: say so (main process), touch nothing, and return the run's recorded results in the
-    shape ``run_training`` returns (``trainer`` None, ``already_finished`` True)."""
+    shape ``run_training`` returns (``rows`` and ``train`` metrics as the run saved them, ``trainer`` None,
+    ``already_finished`` True), so a caller such as :func:`gapclip.pretrain.pretrain_demo_backbone` can report them."""
     from .console import format_summary
 
     out = Path(training_args.output_dir).resolve()
-    rows_file, export_dir = out / "retrieval.json", out / "export"
+    rows_file, export_dir, train_file = out / "retrieval.json", out / "export", out / "train_results.json"
     rows = json.loads(rows_file.read_text(encoding="utf-8")) if rows_file.is_file() else {}
+    train = json.loads(train_file.read_text(encoding="utf-8")) if train_file.is_file() else {}
     if training_args.should_save:
         push = None if push_repo_id is None else (
             f"nothing pushed; to push this export: python recipes/export.py {export_dir} --push_to_hub "
@@ -266,7 +268,7 @@ def report_finished(plan: RunPlan, training_args: Any, *, push_repo_id: str | No
             ("tables", f"{out / 'retrieval.md'}, {rows_file}" if rows_file.is_file() else None),
             ("Hub", push),
         ]), flush=True)
-    return {"rows": rows, "train": {}, "trainer": None, "export_dir": export_dir if export_dir.is_dir() else None,
+    return {"rows": rows, "train": train, "trainer": None, "export_dir": export_dir if export_dir.is_dir() else None,
             "already_finished": True}
 
 

@@ -44,6 +44,7 @@ def test_a_finished_run_is_not_trained_again_nor_overwritten(lgmgc, tiny_demo_ro
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]  # no checkpoint-5: nothing was trained
     assert {name: (out / name).read_bytes() for name in results} == results
     assert again["rows"] == json.loads(results["retrieval.json"])
+    assert again["train"] == first["train"] and again["train"]["train_loss"] > 0  # as the run saved them
     assert list(again["rows"]) == ["before training", "after training"]
     printed = capsys.readouterr().out
     assert "already holds a finished run of this configuration (4 steps" in printed
