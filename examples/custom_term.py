@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from gapclip import GapBatch, GapTerm, register_term
+from gapclip.argument_checks import check_declared_choices
 from gapclip.cli import demo_root, parse_args, run_training, term_option_field
+from gapclip.console import run_recipe
 from gapclip.losses import TermInput
 
 SUPCON_CITATION = """@inproceedings{khosla2020supcon,
@@ -126,6 +128,9 @@ class LabelSupConArguments:
     label_modality: str = term_option_field("label_supcon", "modality")
     smoke: bool = field(default=False, metadata={"help": "A tiny run (< 1 min on CPU); later flags override it."})
 
+    def __post_init__(self):
+        check_declared_choices(self)  # argparse checks a flag's choices; this covers a YAML/JSON config file too
+
     def gap_terms(self) -> list[dict]:
         options = {"temperature": self.label_temperature, "modality": self.label_modality}
         return [{"name": "label_supcon", "weight": self.label_weight, "options": options}]
@@ -158,4 +163,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)  # a configuration error: one line on stderr, not a traceback (GAPCLIP_DEBUG=1 for it)

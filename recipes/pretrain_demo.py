@@ -26,6 +26,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from gapclip.cli import DataArguments, load_datasets
+from gapclip.console import run_recipe
 from gapclip.evaluation import format_retrieval_table
 from gapclip.pretrain import PretrainSettings, pretrain_demo_backbone, pretrained_demo_path, zero_shot_metrics
 
@@ -78,4 +79,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

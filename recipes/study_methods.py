@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from gapclip.argument_checks import check_model_path
 from gapclip.cli import DataArguments
+from gapclip.console import format_summary, run_recipe
 from gapclip.study import FAMILIES, REGIMES, MethodStudy, StudySettings
 
 logger = logging.get_logger("gapclip.study")
@@ -94,6 +96,7 @@ class StudyArguments:
         if unknown:
             raise ValueError(f"--families: unknown {unknown}; choose from {list(FAMILIES)} or 'all'.")
         self.family_list = families
+        check_model_path("--model_name_or_path", self.model_name_or_path)
 
     def settings(self) -> StudySettings:
         settings = StudySettings(
@@ -127,8 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
         return study.plan()
     results = study.run()
     print((study.output_dir / "study.md").read_text(), flush=True)  # the recipe's result, for the person who ran it
+    out = study.output_dir.resolve()
+    print(format_summary(f"Study finished: {out}", [
+        ("tables", f"{out / 'study.md'}, {out / 'study.json'}"),
+        ("runs", f"{out / 'runs'} (a rerun reuses them)"),
+    ]), flush=True)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -28,6 +28,17 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ": error: " in line]
 
 
+def _failed_recipe(tmp_path, recipe: str, *args: str) -> list[str]:
+    """Run ``recipes/RECIPE ARGS`` from the shell; it must exit with status 2 and no traceback: its error lines."""
+    completed = subprocess.run(
+        [sys.executable, str(RECIPES / recipe), *args], capture_output=True, text=True, env=_env(), cwd=tmp_path,
+        timeout=300,
+    )
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr, completed.stderr[-2000:]
+    return _error_lines(completed.stderr)
+
+
 def _bad_config(tmp_path) -> str:
     """A config file with the bad value: argparse checks a flag's choices itself (its own one-line error), a
     config file's values are checked by the recipe's ``__post_init__``, whose error ``run_recipe`` prints."""
@@ -37,26 +48,24 @@ def _bad_config(tmp_path) -> str:
 
 
 def test_a_bad_flag_is_one_line_and_exit_status_2(tmp_path):
-    def recipe(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(RECIPES / "train_clip_lgmgc.py"), *args], capture_output=True, text=True,
-            env=_env(), cwd=tmp_path, timeout=300,
-        )
-
-    completed = recipe(_bad_config(tmp_path))
-    assert completed.returncode == 2
-    assert "Traceback" not in completed.stderr, completed.stderr[-2000:]
-    assert _error_lines(completed.stderr) == [
+    assert _failed_recipe(tmp_path, "train_clip_lgmgc.py", _bad_config(tmp_path)) == [
         f"train_clip_lgmgc.py: error: {MESSAGE} (set GAPCLIP_DEBUG=1 for the traceback)"
     ]
-    completed = recipe("--lsc_fusion", "bogus", "--output_dir", str(tmp_path))
-    assert completed.returncode == 2
-    assert "Traceback" not in completed.stderr, completed.stderr[-2000:]
-    (line,) = _error_lines(completed.stderr)
+    (line,) = _failed_recipe(tmp_path, "train_clip_lgmgc.py", "--lsc_fusion", "bogus", "--output_dir", str(tmp_path))
     assert line.replace("'", "").startswith(
         "train_clip_lgmgc.py: error: argument --lsc_fusion/--lsc-fusion: invalid choice: bogus "
         "(choose from concat, max, mean)"
     )
+
+
+@pytest.mark.parametrize("recipe, flags, message", [
+    ("study_methods.py", ["--regime", "both_ways"], "--regime must be pretrained, scratch or both, got 'both_ways'."),
+    ("pretrain_demo.py", ["--backbone", "siglip"], "--backbone must be clip, vtde or both, got 'siglip'."),
+])
+def test_the_study_and_pretraining_recipes_give_one_line_errors_too(tmp_path, recipe, flags, message):
+    assert _failed_recipe(tmp_path, recipe, *flags) == [
+        f"{recipe}: error: {message} (set GAPCLIP_DEBUG=1 for the traceback)"
+    ]
 
 
 @pytest.mark.slow

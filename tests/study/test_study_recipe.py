@@ -75,7 +75,7 @@ def test_smoke_study_writes_every_method_with_seeds_mean_std_and_comparison(smok
 
 
 @pytest.mark.slow
-def test_a_rerun_trains_nothing_and_gives_the_same_study(smoke_study, monkeypatch):
+def test_a_rerun_trains_nothing_and_gives_the_same_study(smoke_study, monkeypatch, capsys):
     out, results = smoke_study
     import gapclip.study.pool as pool
 
@@ -88,6 +88,8 @@ def test_a_rerun_trains_nothing_and_gives_the_same_study(smoke_study, monkeypatc
     for regime in ("pretrained", "scratch"):
         assert again["regimes"][regime]["methods"] == results["regimes"][regime]["methods"]
         assert again["regimes"][regime]["plan"]["to_do"] == 0
+    printed = capsys.readouterr().out
+    assert f"Study finished: {out.resolve()}" in printed and f"{out.resolve() / 'study.md'}" in printed
 
 
 @pytest.mark.slow
@@ -101,3 +103,9 @@ def test_study_on_a_karpathy_json_without_translations_skips_gst(tiny_demo_root,
     assert "+LSC (concat)" in methods and not any("GST" in name for name in methods)
     assert "translation" in results["skipped"]["+GST (InfoNCE)"]
     assert set(results["regimes"]["scratch"]["selection"]["weights"]) == {"lsc"}
+
+
+def test_a_missing_local_start_model_is_named_at_parsing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^--model_name_or_path './no/such/model': no such folder"):
+        _study_recipe().main(["--model_name_or_path", "./no/such/model", "--output_dir", str(tmp_path)])
