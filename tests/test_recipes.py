@@ -302,7 +302,8 @@ def test_every_training_run_ends_with_where_things_went(lgmgc, tiny_demo_root, t
     summary = printed[printed.index(f"Run finished: {out}"):]
     for line in (f"model:       {out} (gapclip checkpoint", f"export:      {out / 'export'} (plain CLIPModel",
                  f"tables:      {out / 'retrieval.md'}, {out / 'retrieval.json'}",
-                 f"checkpoints: 1 in {out} (last: checkpoint-2)", "LoRA:        off"):
+                 f"checkpoints: 1 in {out} (last: checkpoint-2)", "LoRA:        off",
+                 f"run record:  {out / 'gapclip_run.json'}"):
         assert line in summary, summary
     assert (out / "export" / "model.safetensors").is_file() and (out / "retrieval.md").is_file()
 

@@ -44,7 +44,14 @@ from .evaluation import ECCVEvaluator, Evaluator, STSEvaluator, UniModalEvaluato
 from .losses import TERM_REGISTRY, validate_term_specs
 from .lora import load_gapclip_model
 from .modeling import GapClipModel
-from .run_state import plan_run, report_finished, restore_final_checkpoint, run_configuration, write_run_record
+from .run_state import (
+    RUN_RECORD_NAME,
+    plan_run,
+    report_finished,
+    restore_final_checkpoint,
+    run_configuration,
+    write_run_record,
+)
 from .trainer import GapClipTrainer
 
 logger = logging.get_logger(__name__)
@@ -602,7 +609,11 @@ def run_training(
         push_error = _push(export_dir, training_args) if push_to_hub else None
         hub = None if not push_to_hub else (
             "push FAILED (see the error below)" if push_error else f"pushed to {_push_repo_id(training_args, True)}")
-        print(training_summary(training_args.output_dir, model, export_dir, hub=hub), flush=True)
+        summary = training_summary(
+            training_args.output_dir, model, export_dir, hub=hub,
+            run_record=Path(training_args.output_dir, RUN_RECORD_NAME),
+        )
+        print(summary, flush=True)
     if push_error is not None:
         raise push_error
     return {"rows": rows, "train": train_metrics, "trainer": trainer, "export_dir": export_dir}

@@ -72,10 +72,12 @@ def format_summary(title: str, items: Sequence[tuple[str, Any]]) -> str:
     return "\n".join([title, *(f"  {label + ':':<{width + 1}} {value}" for label, value in kept)])
 
 
-def training_summary(output_dir: str | os.PathLike, model: Any, export_dir: Path | None, *, hub: str | None) -> str:
-    """Where a training run wrote what (model, export, tables, metrics, checkpoints), whether LoRA was on, the push."""
-    from .run_state import RUN_RECORD_NAME
-
+def training_summary(
+    output_dir: str | os.PathLike, model: Any, export_dir: Path | None, *, hub: str | None,
+    run_record: str | os.PathLike | None = None,
+) -> str:
+    """Where a training run wrote what (model, export, tables, metrics, checkpoints, its run record), whether LoRA
+    was on, the push. (``run_record`` is passed in: :mod:`gapclip.run_state` prints through this module.)"""
     out = Path(output_dir).resolve()
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
     architecture = type(getattr(model.backbone, "get_base_model", lambda: model.backbone)()).__name__
@@ -87,7 +89,7 @@ def training_summary(output_dir: str | os.PathLike, model: Any, export_dir: Path
         ("checkpoints", f"{len(checkpoints)} in {out} (last: {checkpoints[-1].name})" if checkpoints else "none kept"),
         ("LoRA", lora_state(model.config)),
         ("Hub", hub),
-        ("run record", f"{out / RUN_RECORD_NAME}"),
+        ("run record", Path(run_record).resolve() if run_record is not None else None),
     ])
 
 
