@@ -2,7 +2,8 @@
 """The method study: what does each gap term do, from a pretrained start and from scratch, against a tuned baseline?
 
 For each regime it (1) selects the learning rate of each base loss (InfoNCE, triplet) on the validation split,
-(2) selects each term's weight on validation among ``paper weight × {0.1, 1, 10}``, (3) trains every variant at the
+(2) selects each term's weight on validation among ``paper weight × {0.1, 1, 10}`` (a grid whose best value is at
+one of its ends grows a step that way, twice at most), (3) trains every variant at the
 selected settings — baselines, each term alone and each full method over ``--seeds`` seeds, the other variants
 (LSC fusions, GST distances, DIAS readings and ablations) on one seed — and scores them on the test split with a
 paired comparison against the baseline (bootstrap interval over test images, t-test over seeds). Results go to
@@ -39,7 +40,7 @@ SMOKE = {
     "data": {"demo_train": 48, "demo_val": 16, "demo_test": 16},
     "settings": {
         "seeds": 2, "image_size": 32, "batch_size": 8, "eval_batch_size": 32, "scratch_width": 32, "scratch_layers": 1,
-        "weight_factors": (0.1, 1.0), "bootstrap_resamples": 200,
+        "weight_factors": (1.0,), "max_grid_extensions": 1, "bootstrap_resamples": 200,
         "learning_rates": {"pretrained": (1e-4, 1e-3), "scratch": (1e-3, 3e-3)},
         "epochs": {"pretrained": 1, "scratch": 1},
         "pretrain_overrides": {"num_train": 64, "num_val": 16, "width": 32, "layers": 1, "epochs": 1.0,
@@ -74,6 +75,9 @@ class StudyArguments:
     pretrained_epochs: int = field(default=2, metadata={"help": "Schedule length (best epoch kept), pretrained."})
     scratch_epochs: int = field(default=5, metadata={"help": "Schedule length (best epoch kept), from scratch."})
     weight_factors: str = field(default="0.1,1,10", metadata={"help": "Stage 2 tries paper weight × each factor."})
+    max_grid_extensions: int = field(
+        default=2, metadata={"help": "A grid whose best value is at an end grows one step that way, this many times."}
+    )
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size."})
     scratch_width: int = field(default=128, metadata={"help": "Width of the from-scratch CLIP."})
     scratch_layers: int = field(default=3, metadata={"help": "Layers of the from-scratch CLIP."})
@@ -107,6 +111,7 @@ class StudyArguments:
             },
             epochs={"pretrained": self.pretrained_epochs, "scratch": self.scratch_epochs},
             weight_factors=_floats(self.weight_factors, "weight_factors"),
+            max_grid_extensions=self.max_grid_extensions,
             batch_size=self.per_device_train_batch_size, scratch_width=self.scratch_width,
             scratch_layers=self.scratch_layers, image_size=self.image_size,
             model_name_or_path=self.model_name_or_path, pretrained_backbone=self.pretrained_backbone,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -71,8 +72,8 @@ def test_paper_weights_are_the_recipes_defaults():
     assert SWEEPS["lsc"].paper_weight == lgmgc.lsc_weight and SWEEPS["gst"].paper_weight == lgmgc.gst_weight
 
 
-def test_run_counts_and_which_runs_are_shared_with_the_selection_stages():
-    study = MethodStudy(StudySettings(seeds=3), data_args=None, output_dir="unused")
+def test_run_counts_and_which_runs_are_shared_with_the_selection_stages(tmp_path):
+    study = MethodStudy(StudySettings(seeds=3, max_grid_extensions=0), data_args=None, output_dir=tmp_path)
     everything = {"translation", "teacher"}
     variants = study.available_variants(everything)
     shared = [v.name for v in variants if study.is_stage_run(v, 0)]
@@ -80,8 +81,10 @@ def test_run_counts_and_which_runs_are_shared_with_the_selection_stages():
                       "+L_dim (shifted, ours)", "+L_dim (literal Eq. 6)", "+L_inter (sparse)", "+L_intra (sparse)",
                       "+CSA", "+USA"]
     assert not any(study.is_stage_run(v, 1) for v in variants)
-    # 2 bases × 3 learning rates + 8 sweeps × 3 weights + (12 main rows × 3 seeds + 8 single rows) - 10 shared
-    assert study.runs_per_regime("pretrained", everything) == 6 + 24 + (36 + 8) - 10
+    # Planned on an empty cache: 2 bases × 3 learning rates + 8 sweeps × 3 weights + (12 main rows × 3 seeds +
+    # 8 single rows) - 10 runs shared with stages 1-2
+    context = SimpleNamespace(key="k", regime="pretrained")
+    assert study.count_runs("pretrained", everything, context, tmp_path) == (6 + 24 + 36 + 8 - 10,) * 2
     without_gst = study.available_variants({"teacher"})
     assert not any(v.needs & {"translation"} for v in without_gst)
     only_dias = MethodStudy(StudySettings(families=("DIAS",)), data_args=None, output_dir="unused")
@@ -89,10 +92,36 @@ def test_run_counts_and_which_runs_are_shared_with_the_selection_stages():
     assert only_dias.needed_sweeps(everything) == ["dias_dim", "dias_dim_literal", "dias_inter", "dias_intra"]
 
 
+def test_a_grid_whose_best_value_is_at_an_end_grows_that_way():
+    study = MethodStudy(StudySettings(max_grid_extensions=2), data_args=None, output_dir="unused")
+    scores = {1e-4: 10.0, 3e-4: 12.0, 9e-4: 14.0, 2.7e-3: 15.0, 8.1e-3: 11.0, 0.5: 1.0, 5.0: 2.0, 50.0: 3.0,
+              500.0: 2.5, 2.0: 4.0, 4.0: 5.0, 3.0: 6.0}
+    asked = []
+
+    def fetch(specs):
+        asked.append([s.learning_rate for s in specs])
+        return [{"validation": {"rsum": scores[s.learning_rate]}} for s in specs]
+
+    def spec(group, value):
+        return SimpleNamespace(learning_rate=value)
+
+    selected, grids = study._select({"a": (1e-4, 3e-4, 9e-4), "b": (0.5, 5.0), "c": (2.0, 3.0, 4.0)}, spec, fetch)
+    # "a": 9e-4 is best at the top end → 2.7e-3 (better, the top again) → 8.1e-3 (worse): 2.7e-3
+    # "b": 5.0 is best at the top → 50 (better) → 500 (worse): 50, after the 2 extensions allowed
+    # "c": the best (3.0) is inside its grid: nothing added
+    assert selected == {"a": 2.7e-3, "b": 50.0, "c": 3.0}
+    assert asked == [[1e-4, 3e-4, 9e-4, 0.5, 5.0, 2.0, 3.0, 4.0], [2.7e-3, 50.0], [8.1e-3, 500.0]]
+    assert sorted(grids["a"]) == [1e-4, 3e-4, 9e-4, 2.7e-3, 8.1e-3]
+    low = study._select({"d": (2.0, 4.0)}, spec, lambda specs: [{"validation": {"rsum": -x.learning_rate}}
+                                                               for x in specs])
+    assert low[0] == {"d": 0.5}  # best at the bottom: 2 → 1 → 0.5
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"regimes": ("finetune",)}, "regimes"), ({"families": ("CLIP",)}, "families"), ({"seeds": 0}, "seeds"),
-     ({"weight_factors": (0.0,)}, "weight_factors"), ({"epochs": {"pretrained": 0, "scratch": 1}}, "epochs")],
+     ({"weight_factors": (0.0,)}, "weight_factors"), ({"epochs": {"pretrained": 0, "scratch": 1}}, "epochs"),
+     ({"max_grid_extensions": -1}, "max_grid_extensions")],
 )
 def test_bad_settings_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):

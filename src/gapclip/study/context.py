@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import time
@@ -19,6 +18,13 @@ logger = logging.get_logger(__name__)
 
 #: Bumped whenever a change to the study's procedure makes cached runs stale.
 STUDY_VERSION = "study-v1"
+#: The data flags that decide what a run trains and is scored on (the cache key's data part): flags added to
+#: DataArguments for other purposes (evaluation extras, streaming, checks) leave cached runs valid.
+DATA_KEY_FIELDS = (
+    "dataset", "karpathy_json", "image_root", "dataset_name", "data_file", "image_column", "caption_column",
+    "id_column", "train_split", "eval_split", "test_split", "translations", "extra_columns", "max_length",
+    "max_train_samples", "max_eval_samples", "demo_train", "demo_val", "demo_test", "demo_image_size",
+)
 
 
 def load_study_data(data_args: Any) -> Any:
@@ -132,7 +138,7 @@ def build_context(study: Any, regime: str, datasets: dict[str, Any], teachers: A
     from ..cli import ModelArguments, scratch_clip_config, scratch_processor
 
     settings = study.settings
-    data_key = {k: v for k, v in dataclasses.asdict(study.data_args).items() if k not in ("skip_initial_eval", "coco_1k")}
+    data_key = {name: getattr(study.data_args, name, None) for name in DATA_KEY_FIELDS}
     if regime == "pretrained":
         path, backbone, processor = _pretrained_start(study)
         model_key = {"start": path, "digest": _file_digest(Path(path)) if Path(path).is_dir() else path}

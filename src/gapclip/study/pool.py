@@ -56,6 +56,8 @@ class RunExecutor:
 
     def _advance(self, spec: RunSpec) -> None:
         if self.progress is not None:
+            if self.progress.total is not None and self.progress.n >= self.progress.total:
+                self.progress.total = self.progress.n + 1  # a grid was extended beyond the plan
             self.progress.set_postfix_str(spec.label.split(": ", 1)[-1][:60])
             self.progress.update(1)
 

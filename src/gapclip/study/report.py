@@ -168,15 +168,19 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"Each run: cosine schedule of {section['epochs']} epoch(s), the epoch with the best validation RSUM kept. "
             f"Wall time {section['wall_seconds'] / 60:.1f} min (runs: {section['run_seconds'] / 60:.1f} min)."
         )
-        lines += ["", "Learning rate (stage 1, validation RSUM of each grid value, seed 0):", ""]
+        lines += ["", "Learning rate (stage 1, validation RSUM of each grid value, seed 0; † a value added because the "
+                  "best one was at the end of the grid):", ""]
         for base, sel in section["selection"]["learning_rate"].items():
-            grid = ", ".join(f"{lr}: {_fmt(v)}" for lr, v in sel["validation_rsum"].items())
+            grid = ", ".join(
+                f"{lr}{'' if float(lr) in sel['grid'] else '†'}: {_fmt(v)}" for lr, v in sel["validation_rsum"].items()
+            )
             lines.append(f"- {base}: {grid} → **{sel['selected']:g}**")
         if section["selection"]["weights"]:
             lines += ["", "Term weights (stage 2, validation RSUM of each weight, seed 0; paper weight in italics):", ""]
             for name, sel in section["selection"]["weights"].items():
+                swept = [float(f"{sel['paper'] * f:g}") for f in section["weight_factors"]]
                 grid = ", ".join(
-                    (f"*{w}*" if float(w) == sel["paper"] else w) + f": {_fmt(v)}"
+                    (f"*{w}*" if float(w) == sel["paper"] else w) + ("" if float(w) in swept else "†") + f": {_fmt(v)}"
                     for w, v in sel["validation_rsum"].items()
                 )
                 lines.append(

@@ -54,6 +54,8 @@ class StudySettings:
         learning_rates: per regime, the learning-rate grid of stage 1.
         epochs: per regime, the length of the cosine schedule; each run keeps its best epoch on validation.
         weight_factors: stage 2 tries ``paper weight × factor`` for each factor.
+        max_grid_extensions: a learning-rate or weight grid whose best value is at an end grows by one more step
+            that way, at most this many times.
         model_name_or_path: the pretrained start; default the demo CLIP of ``recipes/pretrain_demo.py`` (made on
             first use, at ``image_size``).
         image_size: image size of the demo data, of the demo pretraining and of a from-scratch model.
@@ -68,6 +70,7 @@ class StudySettings:
     )
     epochs: dict[str, int] = field(default_factory=lambda: {"pretrained": 2, "scratch": 5})
     weight_factors: tuple[float, ...] = (0.1, 1.0, 10.0)
+    max_grid_extensions: int = 2
     batch_size: int = 64
     eval_batch_size: int = 128
     scratch_width: int = 128
@@ -92,6 +95,8 @@ class StudySettings:
                                  f"{self.learning_rates.get(regime)!r}.")
             if int(self.epochs.get(regime, 0)) < 1:
                 raise ValueError(f"epochs[{regime!r}] must be >= 1, got {self.epochs.get(regime)!r}.")
+        if self.max_grid_extensions < 0:
+            raise ValueError(f"max_grid_extensions must be >= 0, got {self.max_grid_extensions}.")
         if not self.weight_factors or any(not f > 0 for f in self.weight_factors):
             raise ValueError(f"weight_factors must list positive numbers, got {self.weight_factors!r}.")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -156,14 +161,6 @@ class MethodStudy:
         use = variant.terms[0]
         return use.spec(1.0) == SWEEPS[use.sweep].spec(1.0)  # the term exactly as its sweep trained it
 
-    def runs_per_regime(self, regime: str, available: set[str]) -> int:
-        stage1 = len(self.needed_bases(available)) * len(self.settings.learning_rates[regime])
-        stage2 = len(self.needed_sweeps(available)) * len(self.settings.weight_factors)
-        stage3 = sum(
-            1 for v in self.available_variants(available) for s in self.seeds_of(v) if not self.is_stage_run(v, s)
-        )
-        return stage1 + stage2 + stage3
-
     # ------------------------------------------------------------------ the stages
     def _stages(
         self, regime: str, available: set[str], fetch: Callable[[list[RunSpec]], list[dict]]
@@ -176,38 +173,35 @@ class MethodStudy:
 
         # 1. learning rate of each base loss
         bases = self.needed_bases(available)
-        grid1 = [(base, lr) for base in bases for lr in settings.learning_rates[regime]]
-        records = fetch([
-            RunSpec.make(f"{regime}: {base} baseline, lr={lr:g}", base, [], learning_rate=lr, epochs=epochs, seed=0)
-            for base, lr in grid1
-        ])
-        learning_rate: dict[str, float] = {}
+        learning_rate, grids = self._select(
+            {base: settings.learning_rates[regime] for base in bases},
+            lambda base, lr: RunSpec.make(
+                f"{regime}: {base} baseline, lr={lr:g}", base, [], learning_rate=lr, epochs=epochs, seed=0
+            ),
+            fetch,
+        )
         for base in bases:
-            grid = {lr: record for (b, lr), record in zip(grid1, records) if b == base}
-            learning_rate[base] = _argmax(grid)
             selection["learning_rate"][base] = {
-                "selected": learning_rate[base], "validation_rsum": {f"{lr:g}": _val(r) for lr, r in grid.items()},
-                "best_epoch": {f"{lr:g}": r.get("best_epoch") for lr, r in grid.items()},
+                "selected": learning_rate[base], "grid": list(settings.learning_rates[regime]),
+                "validation_rsum": {f"{lr:g}": _val(r) for lr, r in sorted(grids[base].items())},
+                "best_epoch": {f"{lr:g}": r.get("best_epoch") for lr, r in sorted(grids[base].items())},
             }
 
         # 2. weight of each term, alone on its base loss
         sweeps = self.needed_sweeps(available)
-        grid2 = [(name, SWEEPS[name].paper_weight * factor) for name in sweeps for factor in settings.weight_factors]
-        records = fetch([
-            RunSpec.make(
+        weights, grids = self._select(
+            {name: tuple(SWEEPS[name].paper_weight * f for f in settings.weight_factors) for name in sweeps},
+            lambda name, weight: RunSpec.make(
                 f"{regime}: sweep {name} weight={weight:g}", SWEEPS[name].base, [SWEEPS[name].spec(weight)],
                 learning_rate=learning_rate[SWEEPS[name].base], epochs=epochs, seed=0,
-            )
-            for name, weight in grid2
-        ])
-        weights: dict[str, float] = {}
+            ),
+            fetch,
+        )
         for name in sweeps:
             sweep = SWEEPS[name]
-            grid = {weight: record for (n, weight), record in zip(grid2, records) if n == name}
-            weights[name] = _argmax(grid)
             selection["weights"][name] = {
                 "selected": weights[name], "paper": sweep.paper_weight, "source": sweep.source,
-                "validation_rsum": {f"{w:g}": _val(r) for w, r in grid.items()},
+                "validation_rsum": {f"{w:g}": _val(r) for w, r in sorted(grids[name].items())},
                 "baseline_validation_rsum": selection["learning_rate"][sweep.base]["validation_rsum"][
                     f"{learning_rate[sweep.base]:g}"],
             }
@@ -226,6 +220,35 @@ class MethodStudy:
             runs.setdefault(variant.name, {})[seed] = record
         return {"selection": selection, "runs": runs, "weights": weights, "learning_rate": learning_rate}
 
+    def _select(
+        self, grids: dict[str, tuple[float, ...]], make_spec: Callable[[str, float], RunSpec],
+        fetch: Callable[[list[RunSpec]], list[dict]],
+    ) -> tuple[dict[str, float], dict[str, dict[float, dict]]]:
+        """The value of each grid with the best validation RSUM. A grid whose best value is at one of its ends is
+        extended by one more step in that direction (the ratio of its two outermost values there), up to
+        ``max_grid_extensions`` times, so that a selection is not an artefact of where the grid stopped. All grids'
+        runs of a round are fetched together."""
+        records: dict[str, dict[float, dict]] = {group: {} for group in grids}
+        extensions = dict.fromkeys(grids, 0)
+        pending = {group: sorted(values) for group, values in grids.items()}
+        while pending:
+            cells = [(group, value) for group, values in pending.items() for value in values]
+            for (group, value), record in zip(cells, fetch([make_spec(group, value) for group, value in cells])):
+                records[group][value] = record
+            pending = {}
+            for group, grid in records.items():
+                ordered, best = sorted(grid), _argmax(grid)
+                if len(ordered) < 2 or extensions[group] >= self.settings.max_grid_extensions:
+                    continue
+                if best == ordered[-1]:
+                    pending[group] = [float(f"{best * ordered[-1] / ordered[-2]:.12g}")]
+                elif best == ordered[0]:
+                    pending[group] = [float(f"{best * ordered[0] / ordered[1]:.12g}")]
+                else:
+                    continue
+                extensions[group] += 1
+        return {group: _argmax(grid) for group, grid in records.items()}, records
+
     # ------------------------------------------------------------------ running
     def _regimes(self):
         """Yield (regime, context, available inputs, run folder, runs to do), announcing each regime's plan."""
@@ -237,8 +260,7 @@ class MethodStudy:
         for regime in self.settings.regimes:
             context = build_context(self, regime, datasets, teachers)
             folder = self.output_dir / "runs" / regime
-            todo = self._count_missing(regime, available, context, folder)
-            total = self.runs_per_regime(regime, available)
+            total, todo = self.count_runs(regime, available, context, folder)
             estimate = self._estimate(context, todo)
             logger.warning(
                 f"Study, {regime} regime: {total} runs ({total - todo} already done); about {estimate / 60:.0f} min "
@@ -268,16 +290,18 @@ class MethodStudy:
             write_reports(self, results, started)
         return results
 
-    def _count_missing(self, regime: str, available: set[str], context: RunContext, folder: Path) -> int:
-        """Runs not on disk yet. Walks the stages over the cache; a missing run stands in with validation RSUM 0, so
-        selections that depend on it are provisional, but the count is right (the study runs its stages in order,
-        so no run depending on a missing one can be on disk)."""
+    def count_runs(self, regime: str, available: set[str], context: RunContext, folder: Path) -> tuple[int, int]:
+        """(runs of the regime, runs not on disk yet), walking the stages over the cache. A missing run stands in
+        with validation RSUM 0, so selections that depend on it (and the grid extensions they cause) are provisional
+        until it has run: the counts are then estimates."""
+        seen: set[str] = set()
         missing: set[str] = set()
 
         def fetch(specs: list[RunSpec]) -> list[dict]:
             records = []
             for spec in specs:
                 key = run_key(spec, context.key)
+                seen.add(key)
                 record = load_run(folder, key)
                 if record is None:
                     missing.add(key)
@@ -286,7 +310,7 @@ class MethodStudy:
             return records
 
         self._stages(regime, available, fetch)
-        return len(missing)
+        return len(seen), len(missing)
 
     def _estimate(self, context: RunContext, todo: int) -> float:
         """Seconds for ``todo`` runs: one run timed at a worker's thread count, divided over the workers."""
