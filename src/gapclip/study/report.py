@@ -23,17 +23,19 @@ def _baseline_of(variant: Any, variants: list[Any]) -> Any:
     return next(v for v in variants if v.base == variant.base and v.is_baseline)
 
 
-def summarise_regime(study: Any, regime: str, outcome: dict[str, Any], context: Any, *, wall_seconds: float):
-    """The ``study.json`` section of one regime."""
+def summarise_regime(
+    study: Any, regime: str, outcome: dict[str, Any], context: Any, *, wall_seconds: float, run_seconds: float,
+    run_count: int,
+):
+    """The ``study.json`` section of one regime. ``wall_seconds`` is this invocation's (a resumed study reads
+    finished runs back); ``run_seconds`` sums the training time recorded by each of its ``run_count`` runs."""
     variants = [v for v in study.settings.variants() if v.name in outcome["runs"]]
     text_to_image = np.concatenate(
         [np.full(len(captions), row) for row, captions in enumerate(context.test["captions"])]
     )
     methods: dict[str, Any] = {}
-    run_seconds = 0.0
     for variant in variants:
         runs = outcome["runs"][variant.name]
-        run_seconds += sum(r["wall_seconds"] for r in runs.values())
         finished = {seed: r for seed, r in runs.items() if r.get("test") is not None}
         entry: dict[str, Any] = {
             "family": variant.family, "base": variant.base, "sampler": variant.sampler, "main_table": variant.main,
@@ -81,6 +83,7 @@ def summarise_regime(study: Any, regime: str, outcome: dict[str, Any], context: 
         "methods": methods,
         "wall_seconds": round(wall_seconds, 1),
         "run_seconds": round(run_seconds, 1),
+        "run_count": run_count,
     }
 
 
@@ -149,7 +152,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines.append(
         f"Data: `{data.get('dataset')}` (train `{data.get('train_split')}`, selection on `{data.get('eval_split')}`, "
         f"results on `{data.get('test_split')}`); seeds: {settings['seeds']}; batch {settings['batch_size']}; "
-        f"total wall time {results['wall_seconds'] / 60:.1f} min on {results['machine']['cpus']} CPUs "
+        f"wall time of this invocation {results['wall_seconds'] / 60:.1f} min (finished runs are read back) on "
+        f"{results['machine']['cpus']} CPUs "
         f"(torch {results['machine']['torch']}, load average {results['machine']['load_average_at_write']})."
     )
     lines += [
@@ -166,7 +170,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"## Regime: {regime}", ""]
         lines.append(
             f"Each run: cosine schedule of {section['epochs']} epoch(s), the epoch with the best validation RSUM kept. "
-            f"Wall time {section['wall_seconds'] / 60:.1f} min (runs: {section['run_seconds'] / 60:.1f} min)."
+            f"{section['run_count']} runs, {section['run_seconds'] / 60:.1f} min of run time summed over them "
+            f"({section['wall_seconds'] / 60:.1f} min wall in this invocation)."
         )
         lines += ["", "Learning rate (stage 1, validation RSUM of each grid value, seed 0; † a value added because the "
                   "best one was at the end of the grid):", ""]

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -280,11 +280,20 @@ class MethodStudy:
         for regime, context, available, folder, plan in self._regimes():
             results["skipped"] = self.skipped
             regime_start = time.time()
+            run_seconds: dict[RunSpec, float] = {}  # every distinct run of the regime, sweeps included
+
+            def fetch(specs: list[RunSpec]) -> list[dict]:
+                records = executor.fetch(specs)
+                for spec, record in zip(specs, records):
+                    run_seconds[replace(spec, label="")] = float(record.get("wall_seconds", 0.0))
+                return records
+
             with tqdm(total=plan["to_do"], desc=f"study ({regime})", disable=not self.show_progress) as bar, \
                     RunExecutor(context, folder, workers=self.workers, progress=bar) as executor:
-                outcome = self._stages(regime, available, executor.fetch)
+                outcome = self._stages(regime, available, fetch)
             results["regimes"][regime] = summarise_regime(
-                self, regime, outcome, context, wall_seconds=time.time() - regime_start
+                self, regime, outcome, context, wall_seconds=time.time() - regime_start,
+                run_seconds=sum(run_seconds.values()), run_count=len(run_seconds),
             )
             results["regimes"][regime]["plan"] = plan
             write_reports(self, results, started)
