@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +37,6 @@ from PIL import Image as PILImage
 from transformers.utils import logging
 
 from .image_transform import ImageTransform, open_image, to_rgb
-
-if TYPE_CHECKING:
-    from .pixel_cache import PixelCache
 
 logger = logging.get_logger(__name__)
 
@@ -203,7 +200,7 @@ class CaptionPairs(_SharedEpoch, torch.utils.data.Dataset):
         on_bad_image: str = "error",
         max_bad_image_fraction: float = 0.01,
         image_transform: ImageTransform | None = None,
-        pixel_cache: PixelCache | None = None,
+        pixel_cache: Any = None,  # a PixelCache; not imported, since pixel_cache imports this module
     ) -> None:
         if not isinstance(dataset, Dataset):
             raise TypeError(
@@ -212,7 +209,7 @@ class CaptionPairs(_SharedEpoch, torch.utils.data.Dataset):
             )
         _set_pair_options(self, dataset, "CaptionPairs", mode, seed, on_bad_image, max_bad_image_fraction)
         self.image_transform = image_transform
-        self.pixel_cache: PixelCache | None = None
+        self.pixel_cache: Any = None
         self._cache_bad: dict[int, str] = {}
         if pixel_cache is not None:
             self.use_pixel_cache(pixel_cache)
@@ -246,7 +243,7 @@ class CaptionPairs(_SharedEpoch, torch.utils.data.Dataset):
         self._blank = np.asarray(counted["blank"], dtype=np.int64)
         return np.asarray(counted["n"], dtype=np.int64)
 
-    def use_pixel_cache(self, cache: PixelCache) -> None:
+    def use_pixel_cache(self, cache: Any) -> None:
         """Serve the `pixels` of ``cache`` (built from this split) instead of decoding images."""
         if len(cache) != len(self.dataset):
             raise ValueError(
