@@ -10,7 +10,6 @@ images (train2014 + val2014, the Karpathy splits), with the load average before 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -25,33 +24,13 @@ NAME = "verify_images"
 COCO_IMAGES = 123_287
 
 
-def coco_like_jpeg(path: Path, seed: int, size: tuple[int, int]) -> int:
-    """A photo-like JPEG (gradient, a few shapes, mild noise) at ``path``; returns its size in bytes."""
-    from PIL import Image, ImageChops, ImageDraw, ImageFilter
-
-    rng = random.Random(seed)
-    width, height = size
-    image = Image.linear_gradient("L").resize(size).convert("RGB")
-    image = ImageChops.multiply(image, Image.new("RGB", size, tuple(rng.randint(80, 255) for _ in range(3))))
-    draw = ImageDraw.Draw(image)
-    for _ in range(12):
-        x, y = rng.randint(0, width), rng.randint(0, height)
-        box = (x, y, x + rng.randint(20, width // 2), y + rng.randint(20, height // 2))
-        colour = tuple(rng.randint(0, 255) for _ in range(3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    image = image.filter(ImageFilter.GaussianBlur(2))
-    noise = Image.merge("RGB", [Image.effect_noise(size, 64) for _ in range(3)])
-    image = Image.blend(image, noise, 0.35)  # about 155 KiB a file at 640×480, near COCO's mean (~160 KB)
-    image.save(path, format="JPEG", quality=90)
-    return path.stat().st_size
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     args = C.parse_args(__doc__.splitlines()[0], argv)
     from datasets import Dataset
 
     from gapclip.data import CAPTION_FEATURES
     from gapclip.data.verify import find_bad_images
+    from gapclip.testing import coco_like_jpeg
 
     count = {"full": 1000, "quick": 200, "smoke": 12}[args.mode]
     size = (640, 480) if args.mode != "smoke" else (64, 48)

@@ -39,10 +39,11 @@ from .data import (
     make_demo_processor,
 )
 from .data.demo import cache_root, make_demo_dataset
+from .data.input_pipeline import configure_training_images, dataloader_advice, epochs_of
 from .data.verify import verify_splits
 from .evaluation import ECCVEvaluator, Evaluator, STSEvaluator, UniModalEvaluator, format_retrieval_table
-from .losses import TERM_REGISTRY, validate_term_specs
 from .lora import load_gapclip_model
+from .losses import TERM_REGISTRY, validate_term_specs
 from .modeling import GapClipModel
 from .run_state import (
     RUN_RECORD_NAME,
@@ -147,6 +148,27 @@ class DataArguments:
         metadata={"help": "Decode every image once at load (in parallel, with a progress bar) and report all "
                           "unreadable ones before training; with --on_bad_image skip, leave bad training images out."},
     )
+    fast_image_processing: bool = field(
+        default=True,
+        metadata={"help": "Decode, resize and crop in the DataLoader workers with gapclip's image path "
+                          "(gapclip.data.image_transform): the processor's own uint8 pixels, normalised once per batch "
+                          "(pixel_values within 1e-6 of the processor's). false: call the processor itself."},
+    )
+    reduced_jpeg_decoding: bool = field(
+        default=False,
+        metadata={"help": "Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the resize target: "
+                          "about twice the images/s on COCO-size photos, but pixels differ slightly from the full "
+                          "decode (README, 'Data loading'). Part of the run's configuration and the pixel cache key."},
+    )
+    pixel_cache: bool = field(
+        default=False,
+        metadata={"help": "Decode and resize every training image once, into a memory-mapped uint8 cache "
+                          "(rows × height × width × 3 bytes: 17.8 GB for COCO's 118k images at 224 px), reused by "
+                          "every later epoch and run on the same data and image settings."},
+    )
+    pixel_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the pixel caches (default: $GAPCLIP_CACHE/pixels)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation images."})
     demo_train: int = field(default=2000, metadata={"help": "Demo data: training images."})
@@ -173,6 +195,13 @@ class DataArguments:
             raise ValueError(f"--pair_mode must be one_per_image or all_pairs, got {self.pair_mode!r}.")
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(f"--on_bad_image must be error or skip, got {self.on_bad_image!r}.")
+        if self.pixel_cache and self.streaming:
+            raise ValueError("--pixel_cache caches a split on disk; it cannot be combined with --streaming.")
+        if (self.pixel_cache or self.reduced_jpeg_decoding) and not self.fast_image_processing:
+            raise ValueError(
+                "--pixel_cache and --reduced_jpeg_decoding work through gapclip's image path: drop "
+                "--fast_image_processing false."
+            )
 
 
 @dataclass
@@ -542,8 +571,20 @@ def run_training(
     providers = [*(input_providers or []), *([teacher_store] if teacher_store is not None else [])]
     collator = GapClipCollator(
         processor, max_length=data_args.max_length, padding=padding, term_inputs=model.declared_term_inputs,
-        input_providers=providers,
+        input_providers=providers, image_transform="auto" if data_args.fast_image_processing else None,
     )
+    with training_args.main_process_first(desc="pixel cache"):  # one build per machine; the others open it
+        configure_training_images(
+            pairs, collator, reduced_decoding=data_args.reduced_jpeg_decoding, pixel_cache=data_args.pixel_cache,
+            pixel_cache_dir=data_args.pixel_cache_dir, on_bad_image=data_args.on_bad_image,
+            max_bad_image_fraction=data_args.max_bad_image_fraction, split=data_args.train_split,
+            show_progress=not training_args.disable_tqdm and training_args.local_process_index == 0,
+        )
+    if training_args.process_index == 0:
+        device = training_args.device.type
+        epochs = epochs_of(training_args, None if data_args.streaming else len(pairs))
+        for hint in dataloader_advice(training_args, num_epochs=epochs, accelerator=None if device == "cpu" else device):
+            logger.warning(hint)
     logger.info(f"Objective: base={model.config.resolved_base_loss}, terms={model.config.gap_terms}")
     model = _maybe_apply_lora(model, lora_args)
 

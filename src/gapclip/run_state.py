@@ -93,6 +93,8 @@ def run_configuration(model_args: Any, data_args: Any, lora_args: Any, gap_terms
     if model_args.model_name_or_path is None:
         model.update({name: getattr(model_args, name) for name in _SCRATCH_FIELDS})
     data = {name: getattr(data_args, name, None) for name in _DATA_FIELDS}
+    if getattr(data_args, "reduced_jpeg_decoding", False):  # other pixels; absent when off, as in older records
+        data["reduced_jpeg_decoding"] = True
     if data_args.dataset == "demo":
         data.update({name: getattr(data_args, name) for name in _DEMO_FIELDS})
     lora = {name: getattr(lora_args, name, None) for name in _LORA_FIELDS} if lora_args is not None else {}

@@ -76,3 +76,27 @@ def tiny_vision_text_dual_encoder(
 
 def tiny_bert_config(*, vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2) -> BertConfig:
     return BertConfig(vocab_size=vocab_size, **_tower(hidden_size, num_layers, 2), max_position_embeddings=64)
+
+
+def coco_like_jpeg(path: Path, seed: int, size: tuple[int, int]) -> int:
+    """A photo-like JPEG at ``path`` (a colour gradient, a dozen blurred shapes, sensor-like noise; quality 90), for
+    benchmarks and tests that need COCO-size files offline; returns its size in bytes."""
+    import random
+
+    from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+    rng = random.Random(seed)
+    width, height = size
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    image = ImageChops.multiply(image, Image.new("RGB", size, tuple(rng.randint(80, 255) for _ in range(3))))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = rng.randint(0, width), rng.randint(0, height)
+        box = (x, y, x + rng.randint(20, width // 2), y + rng.randint(20, height // 2))
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(2))
+    noise = Image.merge("RGB", [Image.effect_noise(size, 64) for _ in range(3)])
+    image = Image.blend(image, noise, 0.35)  # about 155 KiB a file at 640×480, near COCO's mean (~160 KB)
+    image.save(path, format="JPEG", quality=90)
+    return path.stat().st_size

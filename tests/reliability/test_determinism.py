@@ -26,3 +26,25 @@ def test_identical_runs_give_identical_results(tiny_demo_root, tmp_path):
     assert stripped(rows_a) == stripped(rows_b)
     assert step_losses(a) == step_losses(b)
     assert_same_weights(load_weights(a), load_weights(b))
+
+
+def test_workers_and_the_pixel_cache_change_no_result(tiny_demo_root, tmp_path):
+    """Two epochs (12 steps of 8 over 48 images) with 0 workers, with 2 persistent workers, and with 2 workers reading
+    the pixel cache: the same step losses, weights and retrieval table, bit for bit."""
+    lgmgc = load_recipe("train_clip_lgmgc")
+    common = ("--seed", "0", "--logging_steps", "1", "--max_steps", "12")
+    runs = {
+        "zero": (),
+        "workers": ("--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true"),
+        "cached": ("--dataloader_num_workers", "2", "--pixel_cache", "--pixel_cache_dir", str(tmp_path / "pixels")),
+    }
+    for name, flags in runs.items():
+        lgmgc.main(tiny_flags(tmp_path / name, *common, *flags, terms=True))
+    assert len(list((tmp_path / "pixels").iterdir())) == 1
+    zero = tmp_path / "zero"
+    for name in ("workers", "cached"):
+        other = tmp_path / name
+        assert step_losses(other) == step_losses(zero), name
+        assert_same_weights(load_weights(other), load_weights(zero))
+        rows = (json.loads((x / "retrieval.json").read_text()) for x in (zero, other))
+        assert stripped(next(rows)) == stripped(next(rows)), name

@@ -247,7 +247,7 @@ def attach_translations(dsdict: AnyDatasetDict | Dataset | IterableDataset, path
 # Further per-image columns (inputs of gap terms)
 # ---------------------------------------------------------------------------------------------------------------------
 #: Names a further column cannot take: the caption columns and the keys of a training item.
-_RESERVED_COLUMNS = ("image_id", "image", "captions", "caption", "caption_index", "image_index")
+_RESERVED_COLUMNS = ("image_id", "image", "captions", "caption", "caption_index", "image_index", "pixels")
 
 
 def read_image_columns(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], list[str]]:

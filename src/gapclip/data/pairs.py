@@ -12,15 +12,20 @@ caption of an image is used once every `n` epochs, in an order that differs betw
 seed and epoch) sees the same captions.
 
 Images are decoded when an item is fetched and converted to RGB (greyscale, palette and RGBA images work; transparency
-is composited onto white). An unreadable image raises ValueError naming its id and path; with `on_bad_image="skip"` the
+is composited onto white). With an `image_transform` (the backbone processor's geometry, see
+`gapclip.data.image_transform`) items carry the resized and cropped uint8 `pixels` instead of the PIL `image`, and
+with a `pixel_cache` (`gapclip.data.pixel_cache`) those pixels are read from the cache instead of decoded. An unreadable image raises ValueError naming its id and path; with `on_bad_image="skip"` the
 item is replaced by the next readable one and the bad images are counted and logged, and once the fraction of distinct
 bad images exceeds `max_bad_image_fraction` of the split (of the rows seen so far when streaming) a ValueError says how
 many were bad.
+
+The epoch lives in shared memory, so DataLoader workers, persistent ones (`--dataloader_persistent_workers`) included,
+draw the captions of the epoch that `set_epoch` set in the main process.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -31,9 +36,11 @@ from datasets import Dataset, Image, IterableDataset
 from PIL import Image as PILImage
 from transformers.utils import logging
 
+from .image_transform import ImageTransform, open_image, to_rgb
+
 logger = logging.get_logger(__name__)
 
-__all__ = ["CaptionPairs", "IterableCaptionPairs", "choose_caption_index", "decode_image"]
+__all__ = ["CaptionPairs", "IterableCaptionPairs", "choose_caption_index", "decode_image", "decode_pixels"]
 
 _MODES = ("one_per_image", "all_pairs")
 _ON_BAD_IMAGE = ("error", "skip")
@@ -48,38 +55,36 @@ def choose_caption_index(num_captions: int, *, seed: int, epoch: int, row: int) 
     return int(permutation[offset])
 
 
-def _to_rgb(image: PILImage.Image) -> PILImage.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = PILImage.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
 def decode_image(value: Any, *, image_id: str, row: int) -> PILImage.Image:
     """Decode an undecoded `Image` cell (`{"bytes", "path"}`), a path or a PIL image into an RGB PIL image.
 
     Raises:
         ValueError: naming the image id, row and path when the image cannot be read.
     """
-    path = None
-    try:
-        if isinstance(value, PILImage.Image):
-            image = value
-        elif isinstance(value, dict):
-            path, data = value.get("path"), value.get("bytes")
-            image = PILImage.open(io.BytesIO(data)) if data is not None else PILImage.open(path)
-        elif isinstance(value, str):
-            path = value
-            image = PILImage.open(path)
-        else:
-            raise TypeError(f"unsupported image value of type {type(value).__name__}")
+    with _reading(value, image_id, row):
+        image, _ = open_image(value)
         image.load()
-        return _to_rgb(image)
+        return to_rgb(image)
+
+
+def decode_pixels(value: Any, transform: ImageTransform, *, image_id: str, row: int) -> np.ndarray:
+    """Decode an image cell (as `decode_image`) straight into the processor's resized and cropped uint8 pixels
+    (`transform.load`: reduced-scale JPEG decoding when the transform asks for it).
+
+    Raises:
+        ValueError: naming the image id, row and path when the image cannot be read.
+    """
+    with _reading(value, image_id, row):
+        image, _ = open_image(value)
+        return transform.load(image)
+
+
+@contextlib.contextmanager
+def _reading(value: Any, image_id: str, row: int) -> Iterator[None]:
+    try:
+        yield
     except Exception as err:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ValueError, ...
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
         raise ValueError(
             f"could not read image of image_id={image_id!r} (row {row}, path={path!r}): {type(err).__name__}: {err}"
         ) from err
@@ -118,8 +123,23 @@ def _set_pair_options(
     pairs.seed = int(seed)
     pairs.on_bad_image = on_bad_image
     pairs.max_bad_image_fraction = float(max_bad_image_fraction)
-    pairs.epoch = 0
+    pairs._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
     pairs.num_skipped = 0
+
+
+class _SharedEpoch:
+    """`epoch` kept in shared memory: a DataLoader worker forked or spawned from the main process (a persistent
+    one too) reads what `set_epoch` writes there afterwards."""
+
+    _epoch: torch.Tensor
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
 
 
 def _undecoded(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
@@ -130,9 +150,9 @@ def _undecoded(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
 _CAPTION_COLUMNS = ("image_id", "image", "captions")
 
 
-def _item(record: dict[str, Any], image: PILImage.Image, captions: list[str], caption_index: int, row: int) -> dict:
+def _item(record: dict[str, Any], visual: dict[str, Any], captions: list[str], caption_index: int, row: int) -> dict:
     item = {
-        "image": image,
+        **visual,
         "caption": captions[caption_index],
         "caption_index": caption_index,
         "image_index": row,
@@ -150,7 +170,7 @@ def _item(record: dict[str, Any], image: PILImage.Image, captions: list[str], ca
     return item
 
 
-class CaptionPairs(torch.utils.data.Dataset):
+class CaptionPairs(_SharedEpoch, torch.utils.data.Dataset):
     """Map-style (image, caption) pairs over a caption `datasets.Dataset`.
 
     Args:
@@ -161,10 +181,14 @@ class CaptionPairs(torch.utils.data.Dataset):
         seed: seed of the caption choice.
         on_bad_image: `"error"` (default) or `"skip"` (serve the next readable item instead).
         max_bad_image_fraction: in skip mode, raise once more than this fraction of the split's images is unreadable.
+        image_transform: the processor's :class:`~gapclip.data.image_transform.ImageTransform`: items carry
+            `"pixels"` ((height, width, 3) uint8, resized and cropped) instead of `"image"`.
+        pixel_cache: a :class:`~gapclip.data.pixel_cache.PixelCache` built from this split: items carry its
+            `"pixels"`; the images it could not decode count as unreadable.
 
-    Items: `{"image": PIL.Image (RGB), "caption": str, "caption_index": int, "image_index": int (row in the split),
-    "image_id": str, **further columns}`. Call `set_epoch(epoch)` at the start of every epoch. With DataLoader
-    workers, each worker keeps its own bad-image counters.
+    Items: `{"image": PIL.Image (RGB)` or `"pixels": uint8 array, "caption": str, "caption_index": int,
+    "image_index": int (row in the split), "image_id": str, **further columns}`. Call `set_epoch(epoch)` at the start
+    of every epoch. With DataLoader workers, each worker keeps its own bad-image counters.
     """
 
     def __init__(
@@ -175,6 +199,8 @@ class CaptionPairs(torch.utils.data.Dataset):
         seed: int = 0,
         on_bad_image: str = "error",
         max_bad_image_fraction: float = 0.01,
+        image_transform: ImageTransform | None = None,
+        pixel_cache: Any = None,  # a PixelCache; not imported, since pixel_cache imports this module
     ) -> None:
         if not isinstance(dataset, Dataset):
             raise TypeError(
@@ -182,6 +208,11 @@ class CaptionPairs(torch.utils.data.Dataset):
                 "use IterableCaptionPairs for a datasets.IterableDataset."
             )
         _set_pair_options(self, dataset, "CaptionPairs", mode, seed, on_bad_image, max_bad_image_fraction)
+        self.image_transform = image_transform
+        self.pixel_cache: Any = None
+        self._cache_bad: dict[int, str] = {}
+        if pixel_cache is not None:
+            self.use_pixel_cache(pixel_cache)
         self.bad_rows: dict[int, str] = {}
         self._raw = _undecoded(dataset)
         self._counts = self._caption_counts()
@@ -212,6 +243,16 @@ class CaptionPairs(torch.utils.data.Dataset):
         self._blank = np.asarray(counted["blank"], dtype=np.int64)
         return np.asarray(counted["n"], dtype=np.int64)
 
+    def use_pixel_cache(self, cache: Any) -> None:
+        """Serve the `pixels` of ``cache`` (built from this split) instead of decoding images."""
+        if len(cache) != len(self.dataset):
+            raise ValueError(
+                f"CaptionPairs: the pixel cache {cache.folder} holds {len(cache)} images but the split has "
+                f"{len(self.dataset)} rows; build the cache from this split (gapclip.data.pixel_cache.build_pixel_cache)."
+            )
+        self.pixel_cache = cache
+        self._cache_bad = cache.bad_rows
+
     @property
     def num_images(self) -> int:
         return len(self._counts)
@@ -238,11 +279,19 @@ class CaptionPairs(torch.utils.data.Dataset):
     def _fetch(self, row: int, caption_index: int | None) -> dict[str, Any]:
         record = self._raw[row]
         image_id = str(record["image_id"])
-        image = decode_image(record["image"], image_id=image_id, row=row)
         captions = record["captions"]
         if caption_index is None:
             caption_index = choose_caption_index(len(captions), seed=self.seed, epoch=self.epoch, row=row)
-        return _item(record, image, captions, caption_index, row)
+        return _item(record, self._visual(record["image"], image_id, row), captions, caption_index, row)
+
+    def _visual(self, value: Any, image_id: str, row: int) -> dict[str, Any]:
+        if self.pixel_cache is not None:
+            if row in self._cache_bad:
+                raise ValueError(f"unreadable when the pixel cache was built: {self._cache_bad[row]}")
+            return {"pixels": self.pixel_cache[row]}
+        if self.image_transform is not None:
+            return {"pixels": decode_pixels(value, self.image_transform, image_id=image_id, row=row)}
+        return {"image": decode_image(value, image_id=image_id, row=row)}
 
     def _record_bad(self, row: int, err: ValueError) -> None:
         if row not in self.bad_rows:
@@ -277,7 +326,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         raise ValueError(f"CaptionPairs: no readable image in the whole split ({self.num_images} images).")
 
 
-class IterableCaptionPairs(torch.utils.data.IterableDataset):
+class IterableCaptionPairs(_SharedEpoch, torch.utils.data.IterableDataset):
     """Streaming counterpart of `CaptionPairs` over a caption `datasets.IterableDataset`.
 
     Rows are numbered in iteration order (`image_index`); captions are chosen with the same rule as `CaptionPairs`,
@@ -285,7 +334,8 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
     once the bad fraction of the rows seen exceeds `max_bad_image_fraction` (checked after at least
     `1 / max_bad_image_fraction` rows, and at the end of the iteration). `set_epoch` is forwarded to the dataset so
     its shuffling follows the epoch too. Under DataLoader workers each worker streams its own shards and numbers its
-    own rows, so `image_index` is unique within a batch but not across workers.
+    own rows, so `image_index` is unique within a batch but not across workers. With an `image_transform`, items
+    carry `"pixels"` instead of `"image"`, as in `CaptionPairs`.
     """
 
     def __init__(
@@ -296,6 +346,7 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
         seed: int = 0,
         on_bad_image: str = "error",
         max_bad_image_fraction: float = 0.01,
+        image_transform: ImageTransform | None = None,
     ) -> None:
         if not isinstance(dataset, IterableDataset):
             raise TypeError(
@@ -303,6 +354,7 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
                 "use CaptionPairs for a datasets.Dataset."
             )
         _set_pair_options(self, dataset, "IterableCaptionPairs", mode, seed, on_bad_image, max_bad_image_fraction)
+        self.image_transform = image_transform
         self.num_seen = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -327,7 +379,10 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
             self.num_seen += 1
             image_id = str(record["image_id"])
             try:
-                image = decode_image(record["image"], image_id=image_id, row=row)
+                if self.image_transform is not None:
+                    visual = {"pixels": decode_pixels(record["image"], self.image_transform, image_id=image_id, row=row)}
+                else:
+                    visual = {"image": decode_image(record["image"], image_id=image_id, row=row)}
             except ValueError as err:
                 if self.on_bad_image == "error":
                     raise
@@ -349,6 +404,6 @@ class IterableCaptionPairs(torch.utils.data.IterableDataset):
             else:
                 indices = range(len(captions))
             for caption_index in indices:
-                yield _item(record, image, captions, caption_index, row)
+                yield _item(record, visual, captions, caption_index, row)
             self._check_fraction(last_error, final=False)
         self._check_fraction(last_error, final=True)
