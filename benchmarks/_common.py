@@ -26,7 +26,24 @@ def parse_args(description: str, argv: Sequence[str] | None = None, extra: Calla
         extra(parser)
     args = parser.parse_args(argv)
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    args.load_at_start = load_average()
     return args
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15 minute load averages (``None`` where the platform has none): a figure measured while other
+    work held the cores is not comparable with a quiet machine's, so every result carries the load it ran under."""
+    try:
+        return tuple(round(value, 2) for value in os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def describe_load(start: tuple[float, float, float] | None, end: tuple[float, float, float] | None) -> str:
+    if start is None or end is None:
+        return "load average: not available on this platform"
+    return (f"load average (1/5/15 min) {'/'.join(map(str, start))} at the start, {'/'.join(map(str, end))} at the "
+            f"end, on {os.cpu_count()} CPUs")
 
 
 def machine_description(device: str = "cpu") -> str:
@@ -134,13 +151,16 @@ def write_results(args: argparse.Namespace, name: str, title: str, sections: lis
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_description(args.device)
-    md = [f"## {title}", "", f"Machine: {machine}; mode: {args.mode}", ""]
+    start, end = getattr(args, "load_at_start", None), load_average()
+    load = describe_load(start, end)
+    md = [f"## {title}", "", f"Machine: {machine}; mode: {args.mode}", "", load.capitalize(), ""]
     for heading, body in sections:
         if heading:
             md += [f"**{heading}**", ""]
         md += [body, ""]
     text = "\n".join(md)
-    payload = {"name": name, "title": title, "mode": args.mode, "machine": machine, **data}
+    payload = {"name": name, "title": title, "mode": args.mode, "machine": machine,
+               "load_average": {"start": start, "end": end}, **data}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float))
     (out / f"{name}.md").write_text(text)
     print(text, flush=True)
@@ -210,10 +230,8 @@ def make_batch(mode: str, batch: int, device: str = "cpu", seed: int = 1) -> dic
     translation_ids = torch.randint(4, VOCAB, (n, 12), generator=g)
     translation_ids[:, 0], translation_ids[:, -1] = 2, 3
     unit = lambda: torch.nn.functional.normalize(torch.randn(n, TEACHER_DIM, generator=g), dim=-1)  # noqa: E731
-    translation = {
-        "input_ids": translation_ids, "attention_mask": torch.ones_like(translation_ids),
-        "present": torch.ones(n, dtype=torch.bool),
-    }
+    # Every row has a translation, so no `present` mask: as GapClipCollator collates such a batch.
+    translation = {"input_ids": translation_ids, "attention_mask": torch.ones_like(translation_ids)}
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -76,3 +76,14 @@ def test_a_checkpoint_is_published_complete_with_its_extras(tiny_demo_processor,
         assert (folder / "model.safetensors").is_file() and (folder / "optimizer.pt").is_file()
         assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
         assert json.loads((folder / SAMPLER_STATE_NAME).read_text()) == {"epoch": 7}
+
+
+def test_the_gradient_norm_is_taken_right_before_each_optimizer_step():
+    """What the non-finite guard relies on: ``_get_grad_norm`` hands it the norm of the step the optimizer takes next."""
+    source = inspect.getsource(Trainer._run_epoch)
+    assert re.search(
+        r"grad_norm\s*=\s*self\._get_grad_norm\(model,\s*grad_norm=grad_norm\)\s*\n"
+        r"(\s*\n|\s*#.*\n|\s*self\.control\s*=\s*self\.callback_handler\.on_pre_optimizer_step\(.*\)\s*\n)*"
+        r"\s*self\.optimizer\.step\(\)",
+        source,
+    ), "Trainer._run_epoch no longer calls _get_grad_norm right before self.optimizer.step()"

@@ -4,9 +4,10 @@ A process killed while saving then never leaves a half-written ``checkpoint-N`` 
 pick: the run folder holds complete checkpoints only, and a rerun resumes from the last one.
 
 `Trainer` offers no public hook to choose where a checkpoint is written, so :class:`CrashSafeCheckpointMixin`
-overrides two private methods. They are listed in :data:`PRIVATE_TRAINER_API`, the only private `Trainer` API gapclip
-uses; ``pyproject.toml`` bounds transformers to the versions checked against it, and
-``tests/test_private_trainer_api.py`` fails loudly when a new version changes any of it.
+overrides two private methods (and the non-finite guard, :mod:`gapclip.nonfinite`, reuses the gradient norm of
+``_get_grad_norm``). They are listed in :data:`PRIVATE_TRAINER_API`, the only private `Trainer` API gapclip uses;
+``pyproject.toml`` bounds transformers to the versions checked against it, and ``tests/test_private_trainer_api.py``
+fails loudly when a new version changes any of it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ PRIVATE_TRAINER_API: dict[str, tuple[tuple[str, ...], str]] = {
         "that folder",
     ),
     "_get_output_dir": (("self", "trial"), "returns the run folder _save_checkpoint writes into"),
+    "_get_grad_norm": (
+        ("self", "model", "grad_norm"),
+        "is called once per optimizer step, right before self.optimizer.step(), and returns the step's total gradient "
+        "norm before clipping (a tensor; a float under DeepSpeed)",
+    ),
 }
 
 

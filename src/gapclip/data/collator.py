@@ -171,7 +171,8 @@ class GapClipCollator(_ImageEncoding):
             trained on max-length padded text).
         term_inputs: the `TermInput`s to collate, usually `model.declared_term_inputs`. Each is read from the item
             key of its name (a dataset column; `CaptionPairs` passes every extra column on) and collated as it says
-            (`"tensor"`: stacked; `"text"`: tokenised like the captions, with a `present` mask; or its callable).
+            (`"tensor"`: stacked; `"text"`: tokenised like the captions, with a `present` mask when a row has no
+            text; or its callable).
             An input no item has is left out (the model then says which term needs it and how to provide it).
         input_providers: callables `provider(items) -> {name: collated value}` for inputs that do not come from
             the dataset, e.g. a `gapclip.teachers.TeacherStore` (CUSA's teacher embeddings); what they return is
@@ -252,7 +253,8 @@ class GapClipCollator(_ImageEncoding):
                     f"(first: {type(values[bad[0]]).__name__})."
                 )
             encoded = self.encode_texts([value if value is not None else "" for value in values])
-            encoded["present"] = torch.tensor([value is not None for value in values], dtype=torch.bool)
+            if any(value is None for value in values):  # absent means every row has text (nothing to read per step)
+                encoded["present"] = torch.tensor([value is not None for value in values], dtype=torch.bool)
             return encoded
         missing = [row for row, value in enumerate(values) if value is None]
         if missing:

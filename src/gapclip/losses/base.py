@@ -103,7 +103,8 @@ class TermInput:
             ``torch.as_tensor(value, dtype=dtype)`` and the rows are stacked; a row without a value is an error that
             names it. ``"text"``: the rows' strings are tokenised like the captions into
             ``{"input_ids", "attention_mask", "present"}``; a row without text (``None``) is encoded as ``""`` and
-            marked ``False`` in ``present`` (the term decides what that means). Or a callable
+            marked ``False`` in ``present`` (the term decides what that means); ``present`` is left out when every
+            row has text, so a term learns that without reading a mask on the host. Or a callable
             ``collate(values, collator) -> Tensor | dict[str, Tensor]`` (``collator.encode_texts`` tokenises).
         dtype: tensor dtype of ``collate="tensor"``.
         per_caption: the column holds one value per caption (a list aligned with ``captions``); each row takes the

@@ -233,7 +233,9 @@ class GSTLoss(GapTerm):
     Missing translations (``has_translation`` False): ``on_missing="error"`` (default) raises a ``ValueError`` that
     says how many rows lack one; ``on_missing="skip"`` drops those rows (as queries and, for ``infonce``, as
     candidates; for ``kl`` the candidate captions remain the whole batch), stores how many were dropped in
-    :attr:`last_skipped` for logging, and returns a zero that keeps the graph when every row is dropped.
+    :attr:`last_skipped`, and returns a zero that keeps the graph when every row is dropped. Dropping masks the rows
+    instead of indexing them, so a training step never waits for the mask on the host; the collator adds
+    ``present`` to a batch only when a row lacks a translation, so "error" reads the mask (on the host) only then.
 
     Args:
         embed_dim: the model's embedding dimension (given by the registry).
@@ -281,15 +283,19 @@ class GSTLoss(GapTerm):
         super().__init__(embed_dim)
         self.distance = distance
         self.on_missing = on_missing
-        self.last_skipped = 0  # rows without a translation dropped by the last call (on_missing="skip")
+        # Rows without a translation dropped by the last call: with on_missing="skip" and a mask, a 0-d tensor on the
+        # batch's device (int() reads it on the host), else 0.
+        self.last_skipped: torch.Tensor | int = 0
 
     def encode_inputs(self, inputs: Mapping[str, Any], model: DualEncoder) -> dict[str, torch.Tensor]:
         """Encode the tokenised translations with the model's text tower (with gradients, like the captions)."""
         translation = inputs["translation"]
         embeds = model.get_text_features(translation["input_ids"], translation.get("attention_mask"))
-        present = translation.get("present")
+        present = translation.get("present")  # GapClipCollator adds it only when a row has no translation
         if present is None:
             present = torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        elif self.on_missing == "error":  # each process checks its own rows, before they are gathered
+            self._check_present(present.bool())
         return {"translation_embeds": F.normalize(embeds, dim=-1), "has_translation": present.bool()}
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
@@ -299,11 +305,21 @@ class GSTLoss(GapTerm):
                 "dataset a 'translation' column (recipes/translate_images.py makes one) so the collator passes it "
                 "in term_inputs."
             )
+        # With on_missing="error" every process checked its rows in encode_inputs: the gathered mask is all True.
+        has_translation = batch.extras.get("has_translation") if self.on_missing == "skip" else None
         return self.compute_loss_from_embeddings(
             batch.image_embeds, batch.extras["translation_embeds"], batch.text_embeds,
-            logit_scale=batch.logit_scale, positive_mask=batch.positive_mask,
-            has_translation=batch.extras.get("has_translation"),
+            logit_scale=batch.logit_scale, positive_mask=batch.positive_mask, has_translation=has_translation,
         )
+
+    def _check_present(self, has_translation: torch.Tensor) -> None:
+        missing = int((~has_translation).sum())  # a host read: only for a mask given with on_missing="error"
+        if missing:
+            raise ValueError(
+                f"Gap term 'gst': {missing} of {has_translation.shape[0]} rows in this batch have no translation "
+                "(has_translation=False). Generate translations for every image with recipes/translate_images.py "
+                "(it resumes where it stopped), or set the option on_missing='skip' to leave those rows out of GST."
+            )
 
     def compute_loss_from_embeddings(
         self,
@@ -319,34 +335,51 @@ class GSTLoss(GapTerm):
         batch_size = image_embeds.shape[0]
         if positive_mask is None:
             positive_mask = torch.eye(batch_size, dtype=torch.bool, device=image_embeds.device)
+        keep = None
         self.last_skipped = 0
         if has_translation is not None:
             has_translation = has_translation.bool()
-            missing = int((~has_translation).sum().item())
-            if missing:
-                if self.on_missing == "error":
-                    raise ValueError(
-                        f"Gap term 'gst': {missing} of {batch_size} rows in this batch have no translation "
-                        "(has_translation=False). Generate translations for every image with "
-                        "recipes/translate_images.py (it resumes where it stopped), or set the option "
-                        "on_missing='skip' to leave those rows out of GST."
-                    )
-                self.last_skipped = missing
-                if missing == batch_size:
-                    # Zero with a graph: backward still works and gives zero gradients.
-                    return (image_embeds.sum() + translation_embeds.sum()) * 0.0
+            if self.on_missing == "error":
+                self._check_present(has_translation)
+            else:
                 keep = has_translation
-                image_embeds, translation_embeds = image_embeds[keep], translation_embeds[keep]
-                positive_mask = positive_mask[keep][:, keep]
+                self.last_skipped = (~keep).sum()
 
         if self.distance == "infonce":
             logits_per_image = logit_scale * image_embeds @ translation_embeds.t()
-            return InfoNCELoss.compute_loss_from_logits(logits_per_image, positive_mask)
+            if keep is None:
+                return InfoNCELoss.compute_loss_from_logits(logits_per_image, positive_mask)
+            return _masked_info_nce(logits_per_image, positive_mask, keep)
         if self.distance == "kl":
             target = F.log_softmax(logit_scale * translation_embeds.detach() @ text_embeds.detach().t(), dim=1)
             prediction = F.log_softmax(logit_scale * image_embeds @ text_embeds.t(), dim=1)
-            return F.kl_div(prediction, target, reduction="batchmean", log_target=True)
-        return (image_embeds - translation_embeds).pow(2).sum(dim=-1).mean()
+            if keep is None:
+                return F.kl_div(prediction, target, reduction="batchmean", log_target=True)
+            per_row = F.kl_div(prediction, target, reduction="none", log_target=True).sum(dim=1)
+            return _mean_over_kept(per_row, keep)
+        per_row = (image_embeds - translation_embeds).pow(2).sum(dim=-1)
+        return per_row.mean() if keep is None else _mean_over_kept(per_row, keep)
+
+
+def _mean_over_kept(per_row: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_row`` over the kept rows (0, with a graph, when none is kept)."""
+    return torch.where(keep, per_row, 0.0).sum() / keep.sum().clamp_min(1)
+
+
+def _masked_info_nce(logits_per_image: torch.Tensor, positive_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """:meth:`InfoNCELoss.compute_loss_from_logits` on the kept rows and columns only, computed on the full matrix
+    (a dropped column's logit is the dtype's minimum, so its softmax weight is 0) rather than by indexing."""
+    pair = keep[:, None] & keep[None, :]
+    positives = positive_mask & pair
+    logits = logits_per_image.masked_fill(~pair, torch.finfo(logits_per_image.dtype).min)
+    kept = keep.sum().clamp_min(1)
+
+    def direction(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        targets = positives.to(logits.dtype) / positives.sum(dim=1, keepdim=True).clamp_min(1)
+        per_row = torch.where(positives, targets * F.log_softmax(logits, dim=1), 0.0).sum(dim=1)
+        return -per_row.sum() / kept  # a dropped row has no positive: it adds 0
+
+    return 0.5 * (direction(logits, positives) + direction(logits.t(), positives.t()))
 
 
 __all__ = ["GSTLoss", "LSCLoss", "fuse_global_and_locals", "select_top_k_locals"]
