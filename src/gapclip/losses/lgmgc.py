@@ -15,8 +15,9 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from ..distributed import gather_features
 from .base import DualEncoder, GapBatch, GapTerm, TermInput, register_term
-from .contrastive import InfoNCELoss
+from .contrastive import InfoNCELoss, infonce_share
 
 LGMGC_CITATION = """@misc{lgmgc,
   title={Local and Generative-driven Modality Gap Correction for Image-Text Retrieval (LG-MGC)},
@@ -65,6 +66,10 @@ class LSCLoss(GapTerm):
     Selection uses ``topk`` + ``gather`` on masked similarities (no loop over the batch); cost ``O(B·(P+L)·D)`` for
     selection and ``O(B²·D)`` for the loss. The term has no parameters.
 
+    Local loss (``local_loss``): each process fuses its own rows (its local features are never gathered), gathers the
+    fused ``[b, 2D]`` (or ``[b, D]``) embeddings with gradients and computes the InfoNCE rows of its samples,
+    ``O(b·(P+L)·D + b·B·D)``.
+
     Args:
         embed_dim: the model's embedding dimension (given by the registry).
         k: local tokens selected per image and per caption (``>= 1``).
@@ -98,6 +103,7 @@ class LSCLoss(GapTerm):
     name: ClassVar[str] = "lsc"
     requires: ClassVar[frozenset[str]] = frozenset({"local"})
     citation: ClassVar[str] = LGMGC_CITATION
+    supports_local_loss: ClassVar[bool] = True
     FUSIONS: ClassVar[tuple[str, ...]] = typing.get_args(Fusion)
 
     def __init__(self, embed_dim: int, *, k: int = 4, fusion: Fusion = "concat"):
@@ -112,6 +118,16 @@ class LSCLoss(GapTerm):
             raise ValueError(
                 "Gap term 'lsc' needs local features (patch_embeds and token_embeds) in the GapBatch; "
                 "GapClipModel computes them when a term has requires={'local'} and return_loss=True."
+            )
+        if batch.is_local:
+            rows = batch.rows
+            fused_images = gather_features(self.fuse_embeddings(batch.image_embeds[rows], batch.patch_embeds,
+                                                                batch.patch_mask))
+            fused_texts = gather_features(self.fuse_embeddings(batch.text_embeds[rows], batch.token_embeds,
+                                                               batch.token_mask))
+            return infonce_share(
+                fused_images[rows], fused_texts[rows], fused_images, fused_texts, batch.logit_scale,
+                batch.local_positive_mask, batch.batch_size,
             )
         return self.compute_loss_from_embeddings(
             batch.image_embeds, batch.patch_embeds, batch.patch_mask,
@@ -267,6 +283,7 @@ class GSTLoss(GapTerm):
 
     name: ClassVar[str] = "gst"
     citation: ClassVar[str] = LGMGC_CITATION
+    supports_local_loss: ClassVar[bool] = True
     inputs: ClassVar[tuple[TermInput, ...]] = (
         TermInput(
             "translation", collate="text",
@@ -301,8 +318,9 @@ class GSTLoss(GapTerm):
             )
         return self.compute_loss_from_embeddings(
             batch.image_embeds, batch.extras["translation_embeds"], batch.text_embeds,
-            logit_scale=batch.logit_scale, positive_mask=batch.positive_mask,
-            has_translation=batch.extras.get("has_translation"),
+            logit_scale=batch.logit_scale,
+            positive_mask=batch.local_positive_mask if batch.is_local else batch.positive_mask,
+            has_translation=batch.extras.get("has_translation"), rows=batch.local_rows,
         )
 
     def compute_loss_from_embeddings(
@@ -314,12 +332,19 @@ class GSTLoss(GapTerm):
         logit_scale: torch.Tensor | float,
         positive_mask: torch.Tensor | None = None,
         has_translation: torch.Tensor | None = None,
+        rows: slice | None = None,
     ) -> torch.Tensor:
-        """The GST distance on normalised ``[B, D]`` embeddings; model-free (``positive_mask`` defaults to ``I``)."""
+        """The GST distance on normalised ``[B, D]`` embeddings; model-free (``positive_mask`` defaults to ``I``).
+
+        ``rows`` (the local form): only the share of those query rows, against all ``B`` columns and divided by the
+        global count of rows GST averages over; ``positive_mask`` then holds their ``[b, B]`` rows.
+        """
         batch_size = image_embeds.shape[0]
+        rows = slice(0, batch_size) if rows is None else rows
         if positive_mask is None:
-            positive_mask = torch.eye(batch_size, dtype=torch.bool, device=image_embeds.device)
+            positive_mask = torch.eye(batch_size, dtype=torch.bool, device=image_embeds.device)[rows]
         self.last_skipped = 0
+        keep = None
         if has_translation is not None:
             has_translation = has_translation.bool()
             missing = int((~has_translation).sum().item())
@@ -336,17 +361,26 @@ class GSTLoss(GapTerm):
                     # Zero with a graph: backward still works and gives zero gradients.
                     return (image_embeds.sum() + translation_embeds.sum()) * 0.0
                 keep = has_translation
-                image_embeds, translation_embeds = image_embeds[keep], translation_embeds[keep]
-                positive_mask = positive_mask[keep][:, keep]
 
+        # The query rows (all, or this process' share) that have a translation; averages are over all such rows.
+        images, translations = image_embeds[rows], translation_embeds[rows]
+        count = batch_size
+        if keep is not None:
+            images, translations = images[keep[rows]], translations[keep[rows]]
+            positive_mask = positive_mask[keep[rows]]
+            count = batch_size - self.last_skipped
         if self.distance == "infonce":
-            logits_per_image = logit_scale * image_embeds @ translation_embeds.t()
-            return InfoNCELoss.compute_loss_from_logits(logits_per_image, positive_mask)
+            if keep is not None:  # the rows without a translation are no candidates either
+                image_embeds, translation_embeds = image_embeds[keep], translation_embeds[keep]
+                positive_mask = positive_mask[:, keep]
+            return infonce_share(
+                images, translations, image_embeds, translation_embeds, logit_scale, positive_mask, count
+            )
         if self.distance == "kl":
-            target = F.log_softmax(logit_scale * translation_embeds.detach() @ text_embeds.detach().t(), dim=1)
-            prediction = F.log_softmax(logit_scale * image_embeds @ text_embeds.t(), dim=1)
-            return F.kl_div(prediction, target, reduction="batchmean", log_target=True)
-        return (image_embeds - translation_embeds).pow(2).sum(dim=-1).mean()
+            target = F.log_softmax(logit_scale * translations.detach() @ text_embeds.detach().t(), dim=1)
+            prediction = F.log_softmax(logit_scale * images @ text_embeds.t(), dim=1)
+            return F.kl_div(prediction, target, reduction="sum", log_target=True) / count
+        return (images - translations).pow(2).sum() / count
 
 
 __all__ = ["GSTLoss", "LSCLoss", "fuse_global_and_locals", "select_top_k_locals"]
