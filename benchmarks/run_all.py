@@ -26,6 +26,7 @@ BENCHMARKS = [  # (script, result name)
     ("bench_teacher_precompute.py", "teacher_precompute"),
     ("bench_scaling.py", "scaling"),
     ("bench_verify_images.py", "verify_images"),
+    ("bench_memory.py", "memory"),
 ]
 
 

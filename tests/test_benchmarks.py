@@ -22,6 +22,7 @@ SCRIPTS = {
     "bench_teacher_precompute": "teacher_precompute",
     "bench_scaling": "scaling",
     "bench_verify_images": "verify_images",
+    "bench_memory": "memory",
 }
 
 
