@@ -5,7 +5,6 @@ and the argument checks. The 2-process runs are in ``tests/multiprocess/test_gra
 from __future__ import annotations
 
 import copy
-import sys
 from contextlib import nullcontext
 from typing import ClassVar
 
@@ -17,6 +16,7 @@ from gapclip.cli import GapClipTrainingArguments
 from gapclip.gradient_cache import RandomState, gradient_cached_forward, split_inputs
 from gapclip.losses import TERM_REGISTRY, GapBatch, GapTerm, TermInput, register_term
 from gapclip.testing import tiny_clip_config
+from tests.multiprocess.test_custom_term_two_process import unregister  # noqa: F401  (fixture)
 from tests.multiprocess.two_process_step import make_batch, make_model
 
 #: Every base loss and gap term (options that change the computation path included).
@@ -40,15 +40,6 @@ SPECS = {
 }
 
 
-@pytest.fixture
-def unregister_examples():
-    """The example's term is registered on import: undo both, so the next import registers it again."""
-    yield
-    TERM_REGISTRY.pop("label_supcon", None)
-    for name in [name for name in sys.modules if name.startswith("_gapclip_term_module_custom_term")]:
-        del sys.modules[name]
-
-
 def _step(model, batch, chunk_size=None, **kwargs):
     model.zero_grad(set_to_none=True)
     outputs = gradient_cached_forward(model, batch, chunk_size, **kwargs) if chunk_size else model(**batch,
@@ -70,7 +61,7 @@ def _assert_same(got, ref, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 @pytest.mark.parametrize("local_loss", [False, True], ids=["global", "local"])
-def test_cached_step_has_the_uncached_gradients(name, local_loss, unregister_examples):
+def test_cached_step_has_the_uncached_gradients(name, local_loss, unregister):  # noqa: F811
     """Chunks of 3 rows (3, 3, 2) of the 8-row batch with its same-image rows: loss, terms and every gradient."""
     spec = {**SPECS[name], "local_loss": local_loss}
     reference = _step(make_model(spec), make_batch(spec))

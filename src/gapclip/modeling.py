@@ -43,7 +43,7 @@ class GapClipOutput(ModelOutput):
         token_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`, *optional*): word tokens (no padding, no
             special tokens).
         term_extras (`dict[str, Any]`, *optional*): the gap terms' encoded per-row inputs (what their
-            `encode_inputs` made of `term_inputs`, e.g. GST's `translation_embeds`), when `return_term_extras=True`.
+            `encode_inputs` made of `term_inputs`), when `return_term_extras=True`.
     """
 
     loss: torch.FloatTensor | None = None

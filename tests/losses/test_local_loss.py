@@ -9,7 +9,6 @@ error for terms without a local form and the distance-weighted sampler's per-row
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,6 +22,7 @@ from gapclip.losses.cusa import CSALoss
 from gapclip.losses.dias import InterSpatialLoss, IntraSpatialLoss
 from gapclip.losses.lgmgc import GSTLoss
 from gapclip.testing import tiny_clip_config
+from tests.multiprocess.test_custom_term_two_process import unregister  # noqa: F401  (fixture)
 
 BLOCKS = (slice(0, 3), slice(3, 4), slice(4, 9))  # uneven "processes"; 9 rows
 
@@ -89,16 +89,8 @@ LOSSES = {
 }
 
 
-@pytest.fixture
-def restore_registry():
-    yield
-    TERM_REGISTRY.pop("label_supcon", None)
-    for name in [name for name in sys.modules if name.startswith("_gapclip_term_module_custom_term")]:
-        del sys.modules[name]
-
-
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_shares_of_row_blocks_add_up_to_the_global_loss(name, restore_registry):
+def test_shares_of_row_blocks_add_up_to_the_global_loss(name, unregister):  # noqa: F811
     missing = (2, 5) if name.endswith("skip") else ()
     loss_fn = LOSSES[name]()
     assert loss_fn.supports_local_loss
