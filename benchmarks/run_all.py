@@ -27,6 +27,7 @@ BENCHMARKS = [  # (script, result name)
     ("bench_scaling.py", "scaling"),
     ("bench_verify_images.py", "verify_images"),
     ("bench_data_pipeline.py", "data_pipeline"),
+    ("bench_memory.py", "memory"),
 ]
 
 

@@ -62,6 +62,10 @@ class LabelSupConLoss(GapTerm):
     over the rows ``I'`` that have at least one positive (0 when no row has one). The batch is the global one: the
     model gathers ``label`` over processes with the embeddings, so two processes compute the loss of one.
 
+    Local loss (``--local_loss``): the term declares ``supports_local_loss`` and, when ``batch.is_local``, returns
+    only the share of its process' rows (``batch.rows``, as queries against the whole gathered batch) divided by the
+    *global* ``|I'|``, which the gathered labels give every process; the model adds the shares up.
+
     References: Khosla et al., *Supervised Contrastive Learning*, NeurIPS 2020 (arXiv:2004.11362), Eq. 2.
 
     Args:
@@ -75,6 +79,7 @@ class LabelSupConLoss(GapTerm):
 
     name: ClassVar[str] = "label_supcon"
     citation: ClassVar[str] = SUPCON_CITATION
+    supports_local_loss: ClassVar[bool] = True
     inputs: ClassVar[tuple[TermInput, ...]] = (
         TermInput(
             "label", dtype=torch.long,
@@ -91,21 +96,27 @@ class LabelSupConLoss(GapTerm):
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         embeds = batch.image_embeds if self.modality == "image" else batch.text_embeds
-        return self.compute_loss_from_embeddings(embeds, batch.extras["label"])
+        return self.compute_loss_from_embeddings(embeds, batch.extras["label"], rows=batch.local_rows)
 
-    def compute_loss_from_embeddings(self, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss on normalised ``[B, D]`` embeddings and ``[B]`` labels (model-free)."""
+    def compute_loss_from_embeddings(
+        self, embeds: torch.Tensor, labels: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
+        """The loss on normalised ``[B, D]`` embeddings and ``[B]`` labels (model-free); with ``rows``, the share of
+        those query rows (``[b, B]`` memory)."""
         n = embeds.shape[0]
-        self_mask = torch.eye(n, dtype=torch.bool, device=embeds.device)
-        logits = (embeds @ embeds.t() / self.temperature).masked_fill(self_mask, float("-inf"))
+        rows = slice(0, n) if rows is None else rows
+        own = torch.arange(rows.start, rows.stop, device=embeds.device)
+        self_mask = own[:, None] == torch.arange(n, device=embeds.device)[None, :]
+        logits = (embeds[rows] @ embeds.t() / self.temperature).masked_fill(self_mask, float("-inf"))
         log_prob = F.log_softmax(logits, dim=1).masked_fill(self_mask, 0.0)
-        positives = (labels[:, None] == labels[None, :]) & ~self_mask
+        positives = (labels[rows, None] == labels[None, :]) & ~self_mask
         counts = positives.sum(dim=1)
         has_positive = counts > 0
-        if not has_positive.any():
-            return embeds.sum() * 0.0  # zero with a graph
+        # |I'| over the whole batch: the rows whose label another row shares.
+        _, label_of_row, rows_per_label = torch.unique(labels, return_inverse=True, return_counts=True)
+        anchors = (rows_per_label[label_of_row] > 1).sum().clamp_min(1)
         per_row = -(log_prob * positives).sum(dim=1)[has_positive] / counts[has_positive]
-        return per_row.mean()
+        return per_row.sum() / anchors  # 0 with a graph when no row has a positive
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ SCRIPTS = {
     "bench_scaling": "scaling",
     "bench_verify_images": "verify_images",
     "bench_data_pipeline": "data_pipeline",
+    "bench_memory": "memory",
 }
 
 

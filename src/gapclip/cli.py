@@ -93,6 +93,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "Extra terms as JSON, e.g. '[{\"name\": \"lsc\", \"weight\": 1.0}]' (added to the recipe's)."},
     )
+    local_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Each process computes only its own samples' rows of the objective against the gathered batch "
+            "(O(b·B) memory per process instead of O(B²)), with the global loss and gradients."
+        },
+    )
     term_module: str | None = field(
         default=None,
         metadata={
@@ -228,6 +235,13 @@ class GapClipTrainingArguments(TrainingArguments):
     max_nonfinite_steps: int = field(
         default=3, metadata={"help": "Stop after this many consecutive steps skipped for a NaN/inf loss or gradient."}
     )
+    gradient_cache_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient caching (GradCache): embed each per-device batch this many rows at a time, so a large "
+            "batch trains in the activation memory of a chunk with the same gradients (one extra forward pass)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in a --output_dir that holds a run (its checkpoints and results are deleted) "
@@ -238,6 +252,11 @@ class GapClipTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")
+        if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size < 1:
+            raise ValueError(
+                "--gradient_cache_chunk_size must be >= 1 (rows embedded at once), got "
+                f"{self.gradient_cache_chunk_size}."
+            )
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator needs the image and caption columns.")
 
@@ -464,6 +483,7 @@ def build_model_and_processor(
     config_kwargs = {
         "gap_terms": gap_terms, "base_loss": model_args.base_loss, "triplet_margin": model_args.triplet_margin,
         "triplet_mining": model_args.triplet_mining, "triplet_reduction": model_args.triplet_reduction or "mean",
+        "local_loss": model_args.local_loss,
     }
     path = model_args.model_name_or_path
     if path is None:
@@ -481,6 +501,10 @@ def build_model_and_processor(
         if validate_term_specs(gap_terms) != model.config.gap_terms or model_args.base_loss != model.config.base_loss:
             new_config = GapClipConfig(model.config.backbone_config, lora=model.config.lora, **config_kwargs)
             model = GapClipModel(new_config, backbone=model.backbone)
+        elif model.config.local_loss != model_args.local_loss:  # how the loss is computed, not what: this run's
+            model.config.local_loss = model_args.local_loss
+            if model_args.local_loss:
+                model.check_local_loss_support()
         return model, processor
     # A local base model is recorded by its absolute path, so a LoRA adapter exported later finds it from anywhere.
     base = os.path.abspath(path) if os.path.isdir(path) else path

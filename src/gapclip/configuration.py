@@ -37,6 +37,12 @@ class GapClipConfig(PretrainedConfig):
         gather_with_grad (`bool`, *optional*, defaults to `True`):
             Gather embeddings across processes with gradients, so every process computes the loss of the global
             batch and multi-process training equals single-process training on the concatenated batch.
+        local_loss (`bool`, *optional*, defaults to `False`):
+            Each process computes only the rows of the objective that belong to its own samples, against the whole
+            gathered batch: ``O(b·B)`` memory and compute per process for a global batch ``B`` of ``b`` per process,
+            instead of ``O(B²)``; the loss and the gradients are those of the global batch (open_clip's
+            ``local_loss``). Every gap term must support it (``GapTerm.supports_local_loss``; all built-in ones do).
+            Needs `gather_with_grad`.
         logit_scale_max (`float`, *optional*, defaults to 100.0):
             Upper clamp of `scale = exp(logit_scale) = 1/temperature`, as in CLIP.
         lora (`dict`, *optional*):
@@ -67,6 +73,7 @@ class GapClipConfig(PretrainedConfig):
         triplet_mining: str = "hardest",
         triplet_reduction: str = "mean",
         gather_with_grad: bool = True,
+        local_loss: bool = False,
         logit_scale_max: float = 100.0,
         lora: dict[str, Any] | None = None,
         merged_lora: dict[str, Any] | None = None,
@@ -87,6 +94,11 @@ class GapClipConfig(PretrainedConfig):
             raise ValueError(f"base_loss must be one of {list(BASE_LOSS_NAMES)}, got {base_loss!r}.")
         if triplet_reduction not in ("mean", "sum"):
             raise ValueError(f"triplet_reduction must be 'mean' or 'sum', got {triplet_reduction!r}.")
+        if local_loss and not gather_with_grad:
+            raise ValueError(
+                "local_loss=True needs gather_with_grad=True: each process computes only its own rows of the "
+                "objective, and the other processes' rows reach their own samples only through the gather's gradient."
+            )
         if not (math.isfinite(logit_scale_max) and logit_scale_max > 0):
             raise ValueError(f"logit_scale_max must be finite and > 0, got {logit_scale_max}.")
         for name, value in (("lora", lora), ("merged_lora", merged_lora)):
@@ -108,6 +120,7 @@ class GapClipConfig(PretrainedConfig):
         self.triplet_mining = triplet_mining
         self.triplet_reduction = triplet_reduction
         self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
         self.logit_scale_max = logit_scale_max
         self.lora = dict(lora) if lora else None
         self.merged_lora = dict(merged_lora) if merged_lora else None

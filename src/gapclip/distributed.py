@@ -1,12 +1,25 @@
-"""Gathering per-sample tensors across processes, with or without gradients.
+"""Gathering per-sample tensors across processes, with or without gradients, and the local-loss collectives.
 
-Every gap term in gapclip is written as single-process code over the *global* batch: the model gathers the
-embeddings (and the local features and extras the terms need) from all processes first. With
-``gather_with_grad=True`` the gather is differentiable and its backward sums the incoming gradients over all
-processes; since every process then computes the identical global loss, each process' local gradient is
-``world_size`` times the single-process gradient of its own samples, and the data-parallel gradient averaging
-(DDP / accelerate) divides that back, so a 2-process run reproduces the 1-process run on the concatenated batch
-exactly. This is open_clip's ``gather_with_grad`` mode without ``local_loss``.
+Every gap term in gapclip is written over the *global* batch: the model gathers the embeddings (and the extras the
+terms need) from all processes first. With ``gather_with_grad=True`` the gather is differentiable and its backward
+sums the incoming gradients over all processes.
+
+**Global loss** (``GapClipConfig.local_loss=False``, open_clip's ``gather_with_grad`` without ``local_loss``): every
+process computes the identical global loss ``L``, so the summed backward hands each process ``W·∂L/∂e_i`` for its
+own rows ``i`` (``W`` = world size), i.e. ``W`` times the single-process gradient of its samples, and the
+data-parallel averaging (DDP / accelerate divide the summed gradients by ``W``) brings it back: a 2-process run
+reproduces the 1-process run on the concatenated batch exactly. This is the factor open_clip#616 observes.
+
+**Local loss** (``local_loss=True``): process ``r`` computes only the rows of the objective that belong to its own
+samples, its *share* ``L_r`` with ``Σ_r L_r = L`` (each term divides by the *global* batch size, not the local one).
+Now the summed backward of the gather adds *different* partial gradients, ``Σ_r ∂L_r/∂e_i = ∂L/∂e_i``, with no
+factor ``W``; a parameter used outside the gather (the logit scale, a term's β) gets ``∂L_r/∂θ`` on process ``r``.
+After DDP's division by ``W`` both would be ``W`` times too small, so each process back-propagates ``W·L_r``: the
+gather then delivers ``W·∂L/∂e_i``, a direct parameter ``W·∂L_r/∂θ``, and the average over processes is exactly
+``∂L/∂θ``. open_clip's local mean over the ``b`` local rows is the same ``W·L_r`` when every process has ``B/W``
+rows; dividing by the global ``B`` keeps it exact for uneven batches (the last batch of an epoch) too.
+(:meth:`gapclip.GapClipModel.compute_loss` does the scaling, and reports the global value of every term with one
+:func:`all_reduce_sum` of the detached shares.)
 """
 
 from __future__ import annotations
@@ -105,3 +118,73 @@ def gather_features(tensor: torch.Tensor, *, gather_with_grad: bool = True, pad_
         )
     pieces[rank] = local
     return torch.cat(pieces, dim=0)
+
+
+def local_row_range(batch_size: int, device: torch.device | str | None = None) -> slice:
+    """The rows of this process' samples inside the gathered batch (processes in rank order, sizes may differ)."""
+    rank, world_size = distributed_info()
+    if world_size == 1:
+        return slice(0, batch_size)
+    sizes = _gather_sizes(torch.zeros(batch_size, device=device), world_size)[:, 0].tolist()
+    start = sum(sizes[:rank])
+    return slice(start, start + batch_size)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum a tensor over processes; the gradient of every process' input is the sum of all processes' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.detach().clone().contiguous()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone().contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """``Σ_processes tensor``, differentiable (each process' input receives the summed gradient); the input itself on
+    one process. For statistics of the global batch made of per-process partial sums (DIAS's ``L_dim``)."""
+    if distributed_info()[1] == 1:
+        return tensor
+    if not tensor.requires_grad:
+        return all_reduce_sum(tensor)
+    return _AllReduceWithGrad.apply(tensor)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``Σ_processes tensor`` without gradient (a new tensor; the input itself on one process)."""
+    if distributed_info()[1] == 1:
+        return tensor
+    total = tensor.detach().clone().contiguous()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def average_gradients(parameters) -> None:
+    """Replace every ``.grad`` by its mean over processes, what DDP's reducer does after ``backward``.
+
+    For a backward that did not go through DDP's forward (gradient caching re-runs the unwrapped model, see
+    :mod:`gapclip.gradient_cache`). Gradients are flattened into one buffer per dtype and device, so a model costs a
+    few collectives, not one per parameter. Every process must hold gradients for the same parameters (they run the
+    same graph); parameters without a gradient are left without one.
+    """
+    _, world_size = distributed_info()
+    if world_size == 1:
+        return
+    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for parameter in parameters:
+        if parameter.grad is not None:
+            buckets.setdefault((parameter.grad.dtype, parameter.grad.device), []).append(parameter.grad)
+    for grads in buckets.values():
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()

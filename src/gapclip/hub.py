@@ -277,6 +277,7 @@ def training_config(
         "gap_terms": terms,
         "logit_scale_max": config.logit_scale_max,
         "gather_with_grad": config.gather_with_grad,
+        "local_loss": bool(getattr(config, "local_loss", False)),
         "lora": dict(lora) if lora else None,
         "lora_merged": lora_merged,
         # a standalone export (recipes/export.py) finds what the training run recorded in the checkpoint's config

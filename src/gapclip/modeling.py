@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput, logging
 
 from .backbones import NoLocalFeaturesError, default_word_mask, encode_images, encode_texts, lora_backbone
 from .configuration import GapClipConfig, check_dual_encoder_config
-from .distributed import gather_features
+from .distributed import all_reduce_sum, distributed_info, gather_features, local_row_range
 from .losses.base import GapBatch, TermInput, build_terms
 from .losses.contrastive import BASE_LOSSES, TripletLoss
 
@@ -42,6 +42,8 @@ class GapClipOutput(ModelOutput):
             tokens.
         token_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`, *optional*): word tokens (no padding, no
             special tokens).
+        term_extras (`dict[str, Any]`, *optional*): the gap terms' encoded per-row inputs (what their
+            `encode_inputs` made of `term_inputs`), when `return_term_extras=True`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -54,6 +56,7 @@ class GapClipOutput(ModelOutput):
     patch_mask: torch.BoolTensor | None = None
     token_embeds: torch.FloatTensor | None = None
     token_mask: torch.BoolTensor | None = None
+    term_extras: dict[str, Any] | None = None
 
 
 class GapClipPreTrainedModel(PreTrainedModel):
@@ -98,6 +101,8 @@ class GapClipModel(GapClipPreTrainedModel):
         self.embed_dim = self._embedding_dim()
         self.base_loss = self._build_base_loss()
         self.gap_terms = build_terms(config.gap_terms, self.embed_dim)
+        if config.local_loss:
+            self.check_local_loss_support()
         if config.lora and backbone is None:
             # A LoRA-trained checkpoint: rebuild the adapters so its weights load into them.
             self.backbone = lora_backbone(self.backbone, config.lora)
@@ -143,6 +148,21 @@ class GapClipModel(GapClipPreTrainedModel):
             )
         return BASE_LOSSES[name]()
 
+    def check_local_loss_support(self) -> None:
+        """Raise a ValueError naming the gap terms (and base loss) that cannot compute the local form."""
+        unsupported = [
+            name for name, term in self.gap_terms.items() if not getattr(term, "supports_local_loss", False)
+        ]
+        if not getattr(self.base_loss, "supports_local_loss", False):
+            unsupported.insert(0, f"base_loss={self.config.resolved_base_loss}")
+        if unsupported:
+            raise ValueError(
+                f"local_loss=True, but {unsupported} cannot compute their local form (only the rows of this process' "
+                "samples): they need the whole batch's matrix. Train without --local_loss, or drop those terms. A gap "
+                "term of your own supports it by setting `supports_local_loss = True` and returning, when "
+                "`batch.is_local`, the share of `batch.rows` (see gapclip.losses.GapTerm)."
+            )
+
     # ------------------------------------------------------------------ encoding
     @property
     def needs_local_features(self) -> bool:
@@ -186,6 +206,7 @@ class GapClipModel(GapClipPreTrainedModel):
         return_loss: bool | None = None,
         return_local: bool | None = None,
         term_inputs: Mapping[str, Any] | None = None,
+        return_term_extras: bool | None = None,
     ) -> GapClipOutput:
         r"""
         Args:
@@ -198,7 +219,11 @@ class GapClipModel(GapClipPreTrainedModel):
             return_local (`bool`, *optional*): return projected patch/word tokens even if no term needs them.
             term_inputs (`dict[str, Any]`, *optional*): the per-row inputs the gap terms declare (`GapTerm.inputs`,
                 listed by `model.declared_term_inputs`), keyed by input name, as `GapClipCollator` builds them: a
-                tensor `[batch_size, ...]` or a dict of such tensors per input. Read only with `return_loss=True`.
+                tensor `[batch_size, ...]` or a dict of such tensors per input. Read only with `return_loss=True` or
+                `return_term_extras=True`.
+            return_term_extras (`bool`, *optional*): return the terms' encodings of `term_inputs` in `term_extras`
+                (with `return_local`, the output then holds everything :meth:`loss_from_encodings` reads: gradient
+                caching embeds a batch in chunks this way).
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("GapClipModel.forward needs both `input_ids` and `pixel_values`.")
@@ -226,14 +251,15 @@ class GapClipModel(GapClipPreTrainedModel):
                 self.backbone.config, input_ids, attention_mask
             )
 
-        loss = loss_terms = None
+        loss = loss_terms = extras = None
+        if return_loss or return_term_extras:
+            extras = self.encode_term_inputs(term_inputs or {})
         if return_loss:
-            extras, local_keys = self._term_extras(term_inputs or {})
-            batch = self._global_batch(
-                image_embeds, text_embeds, logit_scale, logit_bias, image_index, images.patch_embeds, patch_mask,
-                texts.token_embeds, token_mask, extras, local_keys,
+            loss, loss_terms = self.loss_from_encodings(
+                image_embeds, text_embeds, patch_embeds=images.patch_embeds, patch_mask=patch_mask,
+                token_embeds=texts.token_embeds, token_mask=token_mask, term_extras=extras, image_index=image_index,
+                logit_scale=logit_scale, logit_bias=logit_bias,
             )
-            loss, loss_terms = self.compute_loss(batch)
 
         return GapClipOutput(
             loss=loss,
@@ -246,10 +272,40 @@ class GapClipModel(GapClipPreTrainedModel):
             patch_mask=patch_mask,
             token_embeds=texts.token_embeds,
             token_mask=token_mask,
+            term_extras=extras if return_term_extras else None,
         )
 
-    def _term_extras(self, term_inputs: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
-        """Each term's declared inputs through its ``encode_inputs`` hook; also the keys not to gather."""
+    def loss_from_encodings(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        *,
+        patch_embeds: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        token_embeds: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        term_extras: Mapping[str, Any] | None = None,
+        image_index: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective of this process' encoded batch: gather over processes, then base loss + Σ weight·term.
+
+        The inputs are what ``forward(..., return_local=True, return_term_extras=True)`` returns (normalised
+        embeddings, projected local features and masks, the terms' encoded inputs), for this process' rows;
+        ``logit_scale``/``logit_bias`` default to the model's current ones. Returns the loss and every unweighted
+        term by name (as ``GapClipOutput.loss``/``loss_terms``).
+        """
+        if logit_scale is None:
+            logit_scale, logit_bias = self.logit_scale_and_bias()
+        batch = self._global_batch(
+            image_embeds, text_embeds, logit_scale, logit_bias, image_index, patch_embeds, patch_mask, token_embeds,
+            token_mask, dict(term_extras or {}),
+        )
+        return self.compute_loss(batch)
+
+    def encode_term_inputs(self, term_inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Each term's declared inputs through its ``encode_inputs`` hook (this process' rows, before any gather)."""
         missing: dict[str, list[str]] = {}
         for name, term in self.gap_terms.items():
             for declared in term.inputs:
@@ -263,21 +319,28 @@ class GapClipModel(GapClipPreTrainedModel):
                 + " ".join(dict.fromkeys(text for text in helps if text))
             )
         extras: dict[str, Any] = {}
-        local_keys = {declared.name for declared in self.declared_term_inputs if not declared.gather}
         for term in self.gap_terms.values():
             if not term.inputs:
                 continue
             own = {declared.name: term_inputs[declared.name] for declared in term.inputs}
             for key, value in term.encode_inputs(own, self).items():
                 extras.setdefault(key, value)
-        return extras, local_keys
+        return extras
+
+    @property
+    def unshared_extras(self) -> set[str]:
+        """Keys of ``term_extras`` that are not per row (declared ``gather=False``): never gathered or split."""
+        return {declared.name for declared in self.declared_term_inputs if not declared.gather}
 
     def _global_batch(
         self, image_embeds, text_embeds, logit_scale, logit_bias, image_index, patch_embeds, patch_mask,
-        token_embeds, token_mask, extras, local_keys,
+        token_embeds, token_mask, extras,
     ) -> GapBatch:
-        """Gather everything the losses read from all processes (a no-op on one process)."""
+        """Gather everything the losses read from all processes (a no-op on one process); in the local form the
+        local features stay this process' own (see :class:`GapBatch`)."""
         with_grad = self.config.gather_with_grad
+        local = bool(self.config.local_loss)
+        local_keys = self.unshared_extras
         if image_index is None:
             image_index = torch.arange(image_embeds.shape[0], device=image_embeds.device)
             # Without indices, rows are distinct images: offset by rank so they stay distinct once gathered.
@@ -290,17 +353,21 @@ class GapClipModel(GapClipPreTrainedModel):
                 return value
             return gather_features(value, gather_with_grad=with_grad, pad_value=pad_value)
 
+        if not local:
+            patch_embeds, patch_mask = gather(patch_embeds), gather(patch_mask)
+            token_embeds, token_mask = gather(token_embeds), gather(token_mask)
         batch = GapBatch(
             image_embeds=gather(image_embeds),
             text_embeds=gather(text_embeds),
             logit_scale=logit_scale,
             logit_bias=logit_bias,
             image_index=gather(image_index),
-            patch_embeds=gather(patch_embeds),
-            patch_mask=gather(patch_mask),
-            token_embeds=gather(token_embeds),
-            token_mask=gather(token_mask),
+            patch_embeds=patch_embeds,
+            patch_mask=patch_mask,
+            token_embeds=token_embeds,
+            token_mask=token_mask,
             extras={key: value if key in local_keys else gather(value) for key, value in extras.items()},
+            local_rows=local_row_range(image_embeds.shape[0], image_embeds.device) if local else None,
         )
         if batch.batch_size < 2:
             raise ValueError(
@@ -311,16 +378,42 @@ class GapClipModel(GapClipPreTrainedModel):
         return batch
 
     def compute_loss(self, batch: GapBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Base loss + Σ weight·term on a (gathered) :class:`GapBatch`; also returns each unweighted value."""
-        base = self.base_loss(batch)
-        loss_terms = {"base": base}
-        total = base
-        weights = self.config.term_weights
+        """Base loss + Σ weight·term on a (gathered) :class:`GapBatch`; also returns each unweighted value.
+
+        In the local form (``batch.is_local``) every loss returns its share of this process' rows; each value is then
+        the global one (the shares summed over processes, one all-reduce of the detached values) with the gradient
+        of ``world_size × share``, which DDP's averaging turns into the global gradient (see
+        :mod:`gapclip.distributed`).
+        """
+        if batch.is_local:
+            self.check_local_loss_support()
+        loss_terms = {"base": self.base_loss(batch)}
         for name, term in self.gap_terms.items():
-            value = term(batch)
-            loss_terms[name] = value
-            total = total + weights[name] * value
+            loss_terms[name] = term(batch)
+        if batch.is_local:
+            loss_terms = _global_values(loss_terms)
+        weights = self.config.term_weights
+        total = loss_terms["base"]
+        for name in self.gap_terms:
+            total = total + weights[name] * loss_terms[name]
         return total, loss_terms
+
+
+def _global_values(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Local form: each share becomes a value equal to the sum of the shares over processes, whose gradient is that
+    of ``world_size × share`` (one all-reduce, no host sync)."""
+    world_size = distributed_info()[1]
+    if world_size == 1:
+        return shares
+    dtype = torch.promote_types(torch.float32, next(iter(shares.values())).dtype)
+    for value in shares.values():
+        dtype = torch.promote_types(dtype, value.dtype)
+    totals = all_reduce_sum(torch.stack([value.detach().to(dtype) for value in shares.values()]))
+    values = {}
+    for (name, share), total in zip(shares.items(), totals):
+        scaled = world_size * share
+        values[name] = scaled + (total.to(share.dtype) - scaled.detach())
+    return values
 
 
 def _rank_offset(index: torch.Tensor) -> torch.Tensor:

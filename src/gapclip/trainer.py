@@ -19,6 +19,7 @@ from transformers.utils import logging
 from .checkpoints import STAGING_DIR, CrashSafeCheckpointMixin  # noqa: F401  (STAGING_DIR: re-exported)
 from .data.pairs import CaptionPairs
 from .evaluation.evaluators import EvaluationContext, Evaluator, RetrievalEvaluator, run_evaluators
+from .gradient_cache import gradient_cached_forward
 from .inference import embed_caption_dataset
 from .nonfinite import NonFiniteGuard, NonFiniteGuardMixin
 
@@ -57,7 +58,11 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
       final metrics) and left out of the averaged ``loss``/``loss_<term>`` and ``train_loss``; a checkpoint
       appears as ``checkpoint-N`` only when complete (:mod:`gapclip.checkpoints`); the batch
       sampler's state (``state_dict``/``load_state_dict``) is saved with each checkpoint and restored on resume;
-      resuming a checkpoint trained with other ``gap_terms``/``base_loss`` is a ``ValueError`` naming both.
+      resuming a checkpoint trained with other ``gap_terms``/``base_loss`` is a ``ValueError`` naming both;
+    - gradient caching: with ``args.gradient_cache_chunk_size`` (:class:`~gapclip.cli.GapClipTrainingArguments`)
+      each training batch is embedded that many rows at a time (:mod:`gapclip.gradient_cache`): the gradient of the
+      whole batch in the activation memory of a chunk, also under gradient accumulation and data parallelism (DDP);
+      not with FSDP or DeepSpeed, which shard the parameters the chunks re-run.
 
     Args:
         processor: the backbone's processor, to embed the evaluation images and captions.
@@ -99,6 +104,12 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
         self.eval_loss_terms = eval_loss_terms
         # Our forward takes no `num_items_in_batch`: let the Trainer scale the loss for gradient accumulation.
         self.model_accepts_loss_kwargs = False
+        self.gradient_cache_chunk_size = getattr(self.args, "gradient_cache_chunk_size", None)
+        if self.gradient_cache_chunk_size and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ValueError(
+                "--gradient_cache_chunk_size re-runs the model's chunks outside the distributed wrapper, which FSDP "
+                "and DeepSpeed need for their sharded parameters: train without gradient caching there (or with DDP)."
+            )
         self.add_callback(EpochCallback(self.train_dataset, self.train_batch_sampler))
 
     def get_train_dataloader(self):
@@ -119,7 +130,15 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        if self.gradient_cache_chunk_size and model.training and torch.is_grad_enabled():
+            # The returned loss' backward (the Trainer's) re-runs the chunks and averages the gradients over
+            # processes at the end of each optimizer step's last micro-batch, as DDP would.
+            outputs = gradient_cached_forward(
+                self.accelerator.unwrap_model(model), inputs, self.gradient_cache_chunk_size,
+                sync_gradients=lambda: self.accelerator.num_processes > 1 and self.accelerator.sync_gradients,
+            )
+        else:
+            outputs = model(**inputs)
         if outputs.loss is None:
             raise ValueError("The model returned no loss: the collator must pass `return_loss=True`.")
         if model.training:

@@ -11,6 +11,14 @@ pytestmark = pytest.mark.multiprocess
 SPECS = {
     **{f"lsc-{f}": {"gap_terms": [{"name": "lsc", "options": {"fusion": f}}]} for f in ("concat", "max", "mean")},
     **{f"gst-{d}": {"gap_terms": [{"name": "gst", "options": {"distance": d}}]} for d in ("infonce", "kl", "l2")},
+    # Rows without a translation on both processes (one of them is a same-image row) are left out of GST.
+    **{
+        f"gst-{d}-skip": {
+            "gap_terms": [{"name": "gst", "options": {"distance": d, "on_missing": "skip"}}],
+            "missing_translation_rows": [3, 6],
+        }
+        for d in ("infonce", "kl", "l2")
+    },
 }
 
 

@@ -30,6 +30,7 @@ SPECS = {
 }
 SPEC_MODULES = (
     "test_lgmgc_two_process", "test_dias_two_process", "test_cusa_two_process", "test_custom_term_two_process",
+    "test_local_loss_two_process", "test_gradient_cache_two_process",
 )
 _RESULTS: dict[str, tuple[list[dict], list[dict]]] = {}
 
@@ -45,7 +46,7 @@ def run_two_process(specs: list[dict], out_dir: Path) -> list[tuple[list[dict], 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": python_path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tests.multiprocess.two_process_step", str(spec_path), str(out_dir / "out")]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     results = []
     for index in range(len(specs)):

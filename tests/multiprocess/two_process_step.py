@@ -4,7 +4,9 @@ Run as ``torchrun --nproc_per_node 2 -m tests.multiprocess.two_process_step SPEC
 root (each rank writes its loss, loss terms and DDP-averaged gradients), or call :func:`single_process_reference` for
 the 1-process side. A spec names the objective (``gap_terms``, ``base_loss`` ...) and optionally a ``term_module``
 registering terms of one's own; the batch carries a value for every per-row input in :data:`INPUT_MAKERS`, and the
-model reads the ones its terms declare.
+model reads the ones its terms declare. ``local_loss: true`` computes the 2-process side in the local form,
+``gradient_cache_chunk_size: C`` with gradient caching (the processes averaging their gradients in its backward); the
+1-process reference is always the plain global step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors.torch import save_file
 
 from gapclip.cli import import_term_modules
 from gapclip.configuration import GapClipConfig
+from gapclip.gradient_cache import gradient_cached_forward
 from gapclip.modeling import GapClipModel
 from gapclip.testing import tiny_clip_config, tiny_siglip_config
 
@@ -35,7 +38,7 @@ def make_model(spec: dict[str, Any]) -> GapClipModel:
     config = GapClipConfig(
         backbone, gap_terms=spec.get("gap_terms"), base_loss=spec.get("base_loss", "auto"),
         triplet_mining=spec.get("triplet_mining", "hardest"),
-        triplet_reduction=spec.get("triplet_reduction", "mean"),
+        triplet_reduction=spec.get("triplet_reduction", "mean"), local_loss=spec.get("local_loss", False),
     )
     model = GapClipModel(config)
     model.eval()  # no dropout: the two runs must see the same function
@@ -62,8 +65,14 @@ INPUT_MAKERS: dict[str, Callable[[int, torch.Generator], Any]] = {
 }
 
 
+#: Rows showing the same image: 0 and 1 (both on rank 0), and 4, 5, 7 (across ranks: rank 0 holds rows 0-4).
+SAME_IMAGE_ROWS = ((0, 1), (4, 5, 7))
+
+
 def make_batch(spec: dict[str, Any]) -> dict[str, Any]:
-    """A deterministic global batch with every known term input (shared image index 0 = 1)."""
+    """A deterministic global batch with every known term input; unless ``shared_image`` is false, the rows of each
+    :data:`SAME_IMAGE_ROWS` group show one image (same image index, pixels, label, teacher image embedding and
+    translation), so they are positives of each other within a process and across processes."""
     generator = torch.Generator().manual_seed(spec.get("data_seed", 1))
     n, length = GLOBAL_BATCH, 9
     input_ids = torch.randint(4, 60, (n, length), generator=generator)
@@ -73,12 +82,19 @@ def make_batch(spec: dict[str, Any]) -> dict[str, Any]:
     input_ids[torch.arange(n), lengths - 1] = 3
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     image_index = torch.arange(n)
-    if spec.get("shared_image", True):
-        image_index[1] = 0  # rows 0 and 1 show the same image: positives of each other
     pixel_values = torch.randn(n, 3, 32, 32, generator=generator, dtype=torch.float64)
-    pixel_values[1] = pixel_values[0]
     term_inputs = {name: make(n, generator) for name, make in INPUT_MAKERS.items()}
-    term_inputs["label"][1] = term_inputs["label"][0]  # one image, one label
+    if spec.get("shared_image", True):
+        for first, *others in SAME_IMAGE_ROWS:
+            for row in others:
+                image_index[row] = image_index[first]
+                pixel_values[row] = pixel_values[first]
+                for name in ("label", "teacher_image_embeds"):  # one image, one label, one teacher embedding
+                    term_inputs[name][row] = term_inputs[name][first]
+                for key, value in term_inputs["translation"].items():
+                    value[row] = value[first]
+    for row in spec.get("missing_translation_rows", ()):  # GST's on_missing="skip"
+        term_inputs["translation"]["present"][row] = False
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -95,9 +111,14 @@ def rows(value: Any, start: int, stop: int) -> Any:
     return value[start:stop]
 
 
-def _step(model: GapClipModel, batch: dict[str, Any]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def _step(
+    model: GapClipModel, batch: dict[str, Any], gradient_cache_chunk_size: int | None = None
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    outputs = model(**batch, return_loss=True)
+    if gradient_cache_chunk_size:
+        outputs = gradient_cached_forward(model, batch, gradient_cache_chunk_size, sync_gradients=lambda: True)
+    else:
+        outputs = model(**batch, return_loss=True)
     outputs.loss.backward()
     values = {"loss": outputs.loss.item(), **{k: v.item() for k, v in outputs.loss_terms.items()}}
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -105,7 +126,9 @@ def _step(model: GapClipModel, batch: dict[str, Any]) -> tuple[dict[str, float],
 
 
 def single_process_reference(spec: dict[str, Any]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    return _step(make_model(spec), make_batch(spec))
+    """The plain step of one process on the whole batch: global loss, no gradient caching."""
+    plain = {key: value for key, value in spec.items() if key not in ("local_loss", "gradient_cache_chunk_size")}
+    return _step(make_model(plain), make_batch(plain))
 
 
 def main(spec_path: str, out_dir: str) -> None:
@@ -122,8 +145,9 @@ def main(spec_path: str, out_dir: str) -> None:
         batch = make_batch(spec)
         # Uneven split on purpose (the last batch of an epoch): rank 0 gets 5 rows, rank 1 gets 3.
         bounds = [0, 5, GLOBAL_BATCH] if world == 2 else torch.linspace(0, GLOBAL_BATCH, world + 1).long().tolist()
-        values, grads = _step(model, rows(batch, bounds[rank], bounds[rank + 1]))
-        for name in sorted(grads):  # what DDP does: average the gradients over processes
+        chunk_size = spec.get("gradient_cache_chunk_size")
+        values, grads = _step(model, rows(batch, bounds[rank], bounds[rank + 1]), chunk_size)
+        for name in sorted(grads if not chunk_size else ()):  # what DDP does: average the gradients over processes
             dist.all_reduce(grads[name])
             grads[name] /= world
         out = Path(out_dir) / str(index)

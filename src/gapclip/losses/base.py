@@ -57,6 +57,15 @@ class GapBatch:
         token_mask: ``[B, L]`` bool, word tokens (padding and special tokens are ``False``).
         extras: what the terms' :meth:`GapTerm.encode_inputs` hooks made of their declared inputs (e.g. GST's
             ``translation_embeds``/``has_translation``, CUSA's ``teacher_image_embeds``), gathered like the rest.
+        local_rows: ``None`` for the *global form*: a loss returns its value on the whole batch (every process
+            computes the same). A slice for the *local form* (``GapClipConfig.local_loss``): the rows of this
+            process' samples inside the global batch; a loss returns only their *share*, the part of its value that
+            belongs to those rows as queries against all the batch, divided by the *global* normaliser, so that the
+            shares of all processes add up to the global value (the model scales and reports them, see
+            :mod:`gapclip.distributed`). In the local form the local features (``patch_embeds``, ``patch_mask``,
+            ``token_embeds``, ``token_mask``) are *not* gathered: they hold this process' rows only (row ``k`` is
+            global row ``local_rows.start + k``), and a term gathers whatever it derives from them (LSC its fused
+            embeddings, ``dias_dim`` its sums).
     """
 
     image_embeds: torch.Tensor
@@ -69,6 +78,7 @@ class GapBatch:
     token_embeds: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    local_rows: slice | None = None
 
     def __post_init__(self):
         if self.image_index is None:
@@ -79,9 +89,24 @@ class GapBatch:
         return self.image_embeds.shape[0]
 
     @property
+    def is_local(self) -> bool:
+        """The local form: compute only the share of :attr:`rows` (see :attr:`local_rows`)."""
+        return self.local_rows is not None
+
+    @property
+    def rows(self) -> slice:
+        """The query rows this process computes: :attr:`local_rows`, or every row in the global form."""
+        return self.local_rows if self.local_rows is not None else slice(0, self.batch_size)
+
+    @property
     def positive_mask(self) -> torch.Tensor:
         """``[B, B]`` bool: ``[i, j]`` is True when row i and row j show the same image."""
         return self.image_index[:, None] == self.image_index[None, :]
+
+    @property
+    def local_positive_mask(self) -> torch.Tensor:
+        """``[b, B]`` bool: the :attr:`positive_mask` rows of :attr:`rows` (``b·B`` memory, not ``B²``)."""
+        return self.image_index[self.rows, None] == self.image_index[None, :]
 
 
 #: How a :class:`TermInput` is collated: the name of a built-in rule or ``callable(values, collator)``.
@@ -187,12 +212,22 @@ class GapTerm(nn.Module):
     Options are checked against their annotations before ``__init__`` runs (``bool``/``int``/``float``/``str`` and
     ``Literal`` choices; an int is accepted for a float). Terms may own parameters: they live in
     ``GapClipModel.gap_terms`` and are saved, resumed and sharded with the model.
+
+    **Local loss** (``GapClipConfig.local_loss``, O(b·B) memory per process instead of O(B²)): a term that sets
+    ``supports_local_loss = True`` computes, when ``batch.is_local``, only its share: the rows ``batch.rows`` as
+    queries against the whole (gathered) batch, divided by the global normaliser (``batch.batch_size``, or the global
+    count of the rows it averages over), so that the processes' shares add up to its global value; its local features
+    are this process' rows only (see :class:`GapBatch`). What needs more than the rows (a column statistic, a sum over
+    the batch) is gathered or summed by the term itself (:func:`gapclip.distributed.gather_features`,
+    :func:`~gapclip.distributed.all_reduce_with_grad`). A term without it makes ``local_loss`` a ``ValueError`` that
+    names it.
     """
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()
     inputs: ClassVar[tuple[TermInput, ...]] = ()
     citation: ClassVar[str] = ""
+    supports_local_loss: ClassVar[bool] = False
     default_options: ClassVar[dict[str, Any]] = _DefaultOptions()
 
     def __init__(self, embed_dim: int):

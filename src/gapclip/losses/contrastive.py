@@ -43,6 +43,30 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+def infonce_share(
+    image_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    scale: torch.Tensor | float,
+    positive_rows: torch.Tensor,
+    normaliser: int | torch.Tensor,
+) -> torch.Tensor:
+    """Local form of symmetric InfoNCE: the share of some query rows, ``O(b·B)`` memory.
+
+    ``½ [Σ_i CE(s·v_i·Tᵀ, P_i) + Σ_i CE(s·t_i·Vᵀ, P_i)] / normaliser`` over the ``b`` rows ``i`` given (``image_rows``,
+    ``text_rows``, ``positive_rows`` = their ``[b, B]`` same-image mask) against all ``B`` columns (``image_embeds``,
+    ``text_embeds``); with every row and ``normaliser = B`` it is :meth:`InfoNCELoss.compute_loss_from_logits`.
+    Column ``j`` of the caption→image logits is row ``j`` of the image→caption ones, and the same-image relation is
+    symmetric, so the caption queries reuse ``positive_rows``.
+    """
+    targets = soft_positive_targets(positive_rows)
+    image_logits = scale * image_rows @ text_embeds.t()
+    text_logits = scale * text_rows @ image_embeds.t()
+    total = -(targets * F.log_softmax(image_logits, dim=1)).sum() - (targets * F.log_softmax(text_logits, dim=1)).sum()
+    return 0.5 * total / normaliser
+
+
 class InfoNCELoss(nn.Module):
     """Symmetric InfoNCE over in-batch negatives (CLIP), with a learnable logit scale.
 
@@ -68,8 +92,15 @@ class InfoNCELoss(nn.Module):
 
     name: ClassVar[str] = "infonce"
     citation: ClassVar[str] = CLIP_CITATION
+    supports_local_loss: ClassVar[bool] = True
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
+        if batch.is_local:
+            rows = batch.rows
+            return infonce_share(
+                batch.image_embeds[rows], batch.text_embeds[rows], batch.image_embeds, batch.text_embeds,
+                batch.logit_scale, batch.local_positive_mask, batch.batch_size,
+            )
         logits_per_image = batch.logit_scale * batch.image_embeds @ batch.text_embeds.t()
         return self.compute_loss_from_logits(logits_per_image, batch.positive_mask)
 
@@ -97,17 +128,24 @@ class SigmoidLoss(nn.Module):
 
     name: ClassVar[str] = "sigmoid"
     citation: ClassVar[str] = SIGLIP_CITATION
+    supports_local_loss: ClassVar[bool] = True
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         if batch.logit_bias is None:
             raise ValueError("base_loss='sigmoid' needs a logit bias; this backbone has none (use 'infonce').")
-        logits = batch.logit_scale * batch.image_embeds @ batch.text_embeds.t() + batch.logit_bias
-        return self.compute_loss_from_logits(logits, batch.positive_mask)
+        # Local form: the rows of this process' images against every caption, still divided by the global B.
+        images = batch.image_embeds[batch.rows] if batch.is_local else batch.image_embeds
+        logits = batch.logit_scale * images @ batch.text_embeds.t() + batch.logit_bias
+        positive = batch.local_positive_mask if batch.is_local else batch.positive_mask
+        return self.compute_loss_from_logits(logits, positive, normaliser=batch.batch_size)
 
     @staticmethod
-    def compute_loss_from_logits(logits: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    def compute_loss_from_logits(
+        logits: torch.Tensor, positive_mask: torch.Tensor, *, normaliser: int | None = None
+    ) -> torch.Tensor:
+        """``[Q, B]`` logits and same-image mask; divided by ``normaliser`` (default: ``Q``, the batch's rows)."""
         labels = 2.0 * positive_mask.float() - 1.0
-        return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+        return -F.logsigmoid(labels * logits).sum() / (logits.shape[0] if normaliser is None else normaliser)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {}
@@ -133,7 +171,10 @@ class TripletLoss(nn.Module):
       and every process of a data-parallel run draws the same negatives for the (identical) global batch; the count
       is a buffer saved with the model, so a run resumed from a checkpoint draws the negatives the uninterrupted
       run drew. Sampling is not
-      differentiable; the gradient flows through the hinge of the sampled negative.
+      differentiable; the gradient flows through the hinge of the sampled negative. Each query draws its negative by
+      inverting the cumulative weights at its own uniform number (one ``[B]`` vector for the image queries, then one
+      for the caption queries), so the local form (``local_loss``) draws for its rows exactly what the global
+      form draws for them.
 
     Reduction: ``reduction="sum"`` sums the per-query hinge costs over the batch, as the VSE++ and SCAN code does
     (``ContrastiveLoss.forward`` returns ``cost_s.sum() + cost_im.sum()``); DIAS builds on that code, so its weights
@@ -156,6 +197,7 @@ class TripletLoss(nn.Module):
 
     name: ClassVar[str] = "triplet"
     citation: ClassVar[str] = VSEPP_CITATION
+    supports_local_loss: ClassVar[bool] = True
     MINING: ClassVar[tuple[str, ...]] = ("hardest", "sum", "distance_weighted")
     REDUCTIONS: ClassVar[tuple[str, ...]] = ("mean", "sum")
 
@@ -187,14 +229,41 @@ class TripletLoss(nn.Module):
             self.call_count = 0
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
-        scores = batch.image_embeds @ batch.text_embeds.t()
         generator = None
         if self.mining == "distance_weighted":
             generator = torch.Generator().manual_seed(self.seed + int(self.call_count))
             self.call_count += 1
+        if batch.is_local:
+            return self._local_share(batch, generator)
+        scores = batch.image_embeds @ batch.text_embeds.t()
         return self.compute_loss_from_scores(
             scores, batch.positive_mask, embed_dim=batch.image_embeds.shape[1], generator=generator
         )
+
+    def _local_share(self, batch: GapBatch, generator: torch.Generator | None) -> torch.Tensor:
+        """The local form: this process' image queries (rows of the score matrix) and caption queries (its columns),
+        ``[b, B]`` each; the sum, or the sum divided by the global batch size."""
+        rows, size = batch.rows, batch.batch_size
+        image_scores = batch.image_embeds[rows] @ batch.text_embeds.t()  # image i vs every caption: row i
+        text_scores = batch.text_embeds[rows] @ batch.image_embeds.t()  # caption j vs every image: column j
+        own = torch.arange(rows.stop - rows.start, device=image_scores.device)
+        matched = batch.local_positive_mask
+        cost_text = (self.margin - image_scores[own, own + rows.start][:, None] + image_scores).clamp(min=0)
+        cost_image = (self.margin - text_scores[own, own + rows.start][:, None] + text_scores).clamp(min=0)
+        cost_text, cost_image = cost_text.masked_fill(matched, 0.0), cost_image.masked_fill(matched, 0.0)
+        if self.mining == "hardest":
+            per_query = cost_text.max(dim=1).values + cost_image.max(dim=1).values
+        elif self.mining == "sum":
+            per_query = cost_text.sum(dim=1) + cost_image.sum(dim=1)
+        else:
+            embed_dim = batch.image_embeds.shape[1]
+            # The global form's draws: one uniform per query and direction, for the whole batch.
+            text_uniforms, image_uniforms = (torch.rand(size, generator=generator, dtype=torch.float64) for _ in "ti")
+            sample = self.sample_distance_weighted
+            text_choice = sample(image_scores, ~matched, embed_dim, uniforms=text_uniforms[rows])
+            image_choice = sample(text_scores, ~matched, embed_dim, uniforms=image_uniforms[rows])
+            per_query = cost_text[own, text_choice] + cost_image[own, image_choice]
+        return per_query.sum() if self.reduction == "sum" else per_query.sum() / size
 
     def compute_loss_from_scores(
         self, scores: torch.Tensor, positive_mask: torch.Tensor, *, embed_dim: int | None = None,
@@ -249,14 +318,27 @@ class TripletLoss(nn.Module):
         return torch.where(fallback, negatives.double(), weights)
 
     def sample_distance_weighted(
-        self, scores: torch.Tensor, negatives: torch.Tensor, embed_dim: int, generator: torch.Generator
+        self, scores: torch.Tensor, negatives: torch.Tensor, embed_dim: int, generator: torch.Generator | None = None,
+        *, uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One column index per row, drawn from :meth:`distance_weights` (the row's own index when it has none)."""
-        weights = self.distance_weights(scores, negatives, embed_dim).cpu()
+        """One column index per row, drawn from :meth:`distance_weights` (column 0 when the row has no negative).
+
+        Row ``q`` takes the first column whose cumulative weight exceeds ``u_q · Σ weights`` for its uniform number
+        ``u_q`` in ``[0, 1)``: ``uniforms`` (``[Q]``), or ``Q`` numbers drawn from ``generator``. A row's draw depends
+        only on its own weights and number, so any subset of rows draws what it draws within the whole batch.
+        """
+        weights = self.distance_weights(scores, negatives, embed_dim)
+        if uniforms is None:
+            uniforms = torch.rand(weights.shape[0], generator=generator, dtype=torch.float64)
         empty = weights.sum(dim=1) == 0
         weights[empty, 0] = 1.0  # placeholder draw; its cost is 0 since the row has no negative at all
-        choice = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-        return choice.to(scores.device)
+        cumulative = weights.cumsum(dim=1)
+        target = uniforms.to(cumulative)[:, None] * cumulative[:, -1:]
+        choice = torch.searchsorted(cumulative, target, right=True).clamp_max(weights.shape[1] - 1)
+        # u·Σw may round up to Σw: take the row's last column of positive weight then, never a weightless one.
+        last = weights.shape[1] - 1 - (weights > 0).flip(dims=[1]).int().argmax(dim=1, keepdim=True)
+        choice = torch.where(weights.gather(1, choice) > 0, choice, last)
+        return choice.squeeze(1)
 
     def get_config_dict(self) -> dict[str, Any]:
         config = {"margin": self.margin, "mining": self.mining, "reduction": self.reduction}

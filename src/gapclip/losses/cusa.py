@@ -22,7 +22,9 @@ Conventions shared by both terms (from the paper and the authors' code, github l
   gradient); we do the same, so the saved value is always the temperature in use and τ can move away from a
   bound again (a differentiable clamp would freeze it there).
 - Both terms run on the *gathered* global batch (the authors compute them per GPU), so a 2-process run equals
-  one process on the concatenated batch; teacher similarities are then taken over the global batch too.
+  one process on the concatenated batch; teacher similarities are then taken over the global batch too. Both are
+  sums of per-row KL divergences over ``B``, so under ``local_loss`` each process computes the ``[b, B]`` rows of its
+  own samples (USA projects its own rows and gathers the projections).
 - Several captions of one image in a batch share one teacher image embedding, so their rows of ``P_i2i`` are
   identical and put equal mass on each other: the same-image rows are treated as positives, never negatives.
 """
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import gather_features
 from .base import GapBatch, GapTerm, TermInput, register_term
 
 CUSA_CITATION = """@inproceedings{huang2024cusa,
@@ -50,23 +53,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def teacher_targets(teacher_embeds: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def teacher_targets(teacher_embeds: torch.Tensor, temperature: float = 1.0, rows: slice | None = None) -> torch.Tensor:
     """``P = softmax(cos(t_i, t_j) / temperature)`` row-wise over the batch (Eq. 5), diagonal kept, no gradient.
 
     Args:
         teacher_embeds: ``[B, T]`` teacher embeddings (normalised here, so raw ones are fine).
         temperature: softening of the teacher rows (1.0 in the paper).
+        rows: only these rows of P (the local form), default all.
     Returns:
-        ``[B, B]`` row-stochastic targets.
+        ``[B, B]`` (or ``[b, B]``) row-stochastic targets.
     """
     with torch.no_grad():
         normed = F.normalize(teacher_embeds.detach(), dim=-1)
-        return F.softmax(normed @ normed.t() / temperature, dim=-1)
+        queries = normed if rows is None else normed[rows]
+        return F.softmax(queries @ normed.t() / temperature, dim=-1)
 
 
-def kl_batchmean(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``KL(P‖Q) = (1/B) Σ_ij P_ij (log P_ij − log softmax(logits)_ij)``; entries with ``P_ij = 0`` contribute 0."""
-    return F.kl_div(F.log_softmax(logits, dim=-1), targets, reduction="batchmean")
+def kl_batchmean(targets: torch.Tensor, logits: torch.Tensor, normaliser: int | None = None) -> torch.Tensor:
+    """``KL(P‖Q) = (1/B) Σ_ij P_ij (log P_ij − log softmax(logits)_ij)``; entries with ``P_ij = 0`` contribute 0.
+
+    ``normaliser`` replaces ``B`` = the rows given (the local form divides its rows' sum by the global batch size).
+    """
+    if normaliser is None:
+        return F.kl_div(F.log_softmax(logits, dim=-1), targets, reduction="batchmean")
+    return F.kl_div(F.log_softmax(logits, dim=-1), targets, reduction="sum") / normaliser
 
 
 def _project_(parameter: nn.Parameter, low: float, high: float) -> torch.Tensor:
@@ -96,6 +106,7 @@ class _SoftLabelTerm(GapTerm):
 
     citation: ClassVar[str] = CUSA_CITATION
     inputs: ClassVar[tuple[TermInput, ...]] = TEACHER_INPUTS
+    supports_local_loss: ClassVar[bool] = True
 
     def __init__(
         self, embed_dim: int, *, init_temperature: float = 0.45, min_temperature: float = 0.10,
@@ -212,7 +223,7 @@ class CSALoss(_SoftLabelTerm):
         teacher_image, teacher_text = _teacher_embeds(self.name, batch)
         return self.compute_loss_from_embeddings(
             batch.image_embeds, batch.text_embeds, teacher_image, teacher_text, self.current_temperature(),
-            teacher_temperature=self.teacher_temperature,
+            teacher_temperature=self.teacher_temperature, rows=batch.local_rows,
         )
 
     @staticmethod
@@ -224,14 +235,23 @@ class CSALoss(_SoftLabelTerm):
         temperature: torch.Tensor | float,
         *,
         teacher_temperature: float = 1.0,
+        rows: slice | None = None,
     ) -> torch.Tensor:
-        """Eq. 6 on normalised student embeddings ``[B, D]`` and teacher embeddings ``[B, T]`` (model-free)."""
+        """Eq. 6 on normalised student embeddings ``[B, D]`` and teacher embeddings ``[B, T]`` (model-free).
+
+        ``rows`` (the local form): the share of those rows (image and caption queries) against the whole batch.
+        """
         dtype = _compute_dtype(image_embeds.dtype)
         image, text = image_embeds.to(dtype), text_embeds.to(dtype)
-        p_i2i = teacher_targets(teacher_image_embeds.to(dtype), teacher_temperature)
-        p_t2t = teacher_targets(teacher_text_embeds.to(dtype), teacher_temperature)
-        logits_i2t = image @ text.t() / temperature
-        return 0.5 * (kl_batchmean(p_i2i, logits_i2t) + kl_batchmean(p_t2t, logits_i2t.t()))
+        p_i2i = teacher_targets(teacher_image_embeds.to(dtype), teacher_temperature, rows)
+        p_t2t = teacher_targets(teacher_text_embeds.to(dtype), teacher_temperature, rows)
+        if rows is None:
+            logits_i2t = image @ text.t() / temperature
+            return 0.5 * (kl_batchmean(p_i2i, logits_i2t) + kl_batchmean(p_t2t, logits_i2t.t()))
+        size = image.shape[0]
+        logits_i2t = image[rows] @ text.t() / temperature
+        logits_t2i = text[rows] @ image.t() / temperature
+        return 0.5 * (kl_batchmean(p_i2i, logits_i2t, size) + kl_batchmean(p_t2t, logits_t2i, size))
 
 
 class _UniModalProjector(nn.Sequential):
@@ -318,11 +338,16 @@ class USALoss(_SoftLabelTerm):
     def forward(self, batch: GapBatch) -> torch.Tensor:
         teacher_image, teacher_text = _teacher_embeds(self.name, batch)
         image_temperature, text_temperature = self.current_temperatures()
-        projected_image = self.image_projector(batch.image_embeds.to(self.image_projector[1].weight.dtype))
-        projected_text = self.text_projector(batch.text_embeds.to(self.text_projector[1].weight.dtype))
+        # Local form: project this process' rows only and gather the projections (the projector is per row).
+        image, text = (batch.image_embeds[batch.rows], batch.text_embeds[batch.rows]) if batch.is_local else (
+            batch.image_embeds, batch.text_embeds)
+        projected_image = self.image_projector(image.to(self.image_projector[1].weight.dtype))
+        projected_text = self.text_projector(text.to(self.text_projector[1].weight.dtype))
+        if batch.is_local:
+            projected_image, projected_text = gather_features(projected_image), gather_features(projected_text)
         return self.compute_loss_from_embeddings(
             projected_image, projected_text, teacher_image, teacher_text, image_temperature, text_temperature,
-            teacher_temperature=self.teacher_temperature,
+            teacher_temperature=self.teacher_temperature, rows=batch.local_rows,
         )
 
     @staticmethod
@@ -335,16 +360,22 @@ class USALoss(_SoftLabelTerm):
         text_temperature: torch.Tensor | float,
         *,
         teacher_temperature: float = 1.0,
+        rows: slice | None = None,
     ) -> torch.Tensor:
-        """Eq. 8 on projected (not yet normalised) student embeddings ``[B, D]`` and teacher embeddings ``[B, T]``."""
+        """Eq. 8 on projected (not yet normalised) student embeddings ``[B, D]`` and teacher embeddings ``[B, T]``.
+
+        ``rows`` (the local form): the share of those rows against the whole batch.
+        """
         dtype = _compute_dtype(projected_image_embeds.dtype)
         image = F.normalize(projected_image_embeds.to(dtype), dim=-1)
         text = F.normalize(projected_text_embeds.to(dtype), dim=-1)
-        p_i2i = teacher_targets(teacher_image_embeds.to(dtype), teacher_temperature)
-        p_t2t = teacher_targets(teacher_text_embeds.to(dtype), teacher_temperature)
-        q_i2i = image @ image.t() / image_temperature
-        q_t2t = text @ text.t() / text_temperature
-        return 0.5 * (kl_batchmean(p_i2i, q_i2i) + kl_batchmean(p_t2t, q_t2t))
+        p_i2i = teacher_targets(teacher_image_embeds.to(dtype), teacher_temperature, rows)
+        p_t2t = teacher_targets(teacher_text_embeds.to(dtype), teacher_temperature, rows)
+        queries = slice(None) if rows is None else rows
+        q_i2i = image[queries] @ image.t() / image_temperature
+        q_t2t = text[queries] @ text.t() / text_temperature
+        normaliser = None if rows is None else image.shape[0]
+        return 0.5 * (kl_batchmean(p_i2i, q_i2i, normaliser) + kl_batchmean(p_t2t, q_t2t, normaliser))
 
 
 __all__ = ["CUSA_CITATION", "TEACHER_INPUTS", "CSALoss", "USALoss", "kl_batchmean", "teacher_targets"]

@@ -15,11 +15,17 @@ correlations are cosine similarities (Sec. 4.1). The paper's objective (Eq. 17) 
         {"name": "dias_intra", "weight": 0.1},
     ])
 
-The batch the terms see is the *global* batch (gathered over processes, rows in rank order).
+The batch the terms see is the *global* batch (gathered over processes, rows in rank order). Under ``local_loss``
+every term computes only what its process' rows need: ``dias_dim`` sums its own pairs' contributions to the
+``d × d`` correlation and adds the sums over processes (one all-reduce with gradients, no local feature gathered);
+``dias_inter``/``dias_intra`` compute their ``[b, B]`` rows of the difference matrix, and the column statistics of
+the sparse mask, which would need whole columns, are the row statistics of the other processes (``|d|`` and the
+unmatched pairs are symmetric), gathered as ``B`` numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
+from ..distributed import all_reduce_with_grad, distributed_info, gather_features
 from .base import GapBatch, GapTerm, register_term
 
 logger = logging.get_logger(__name__)
@@ -90,6 +97,30 @@ def dimension_correlation(
     Returns:
         ``[d, d]`` with ``C[i, j] = σ_c(m_i^V, m_j^T)``.
     """
+    return correlation_from_sums(
+        *dimension_correlation_sums(patch_embeds, patch_mask, token_embeds, token_mask, aggregation)
+    )
+
+
+def correlation_from_sums(
+    inner: torch.Tensor, image_squares: torch.Tensor, text_squares: torch.Tensor
+) -> torch.Tensor:
+    """``C[i, j] = inner[i, j] / (‖m_i^V‖ ‖m_j^T‖)`` from :func:`dimension_correlation_sums` (norms kept >= 1e-8)."""
+    norm_v = image_squares.clamp_min(_EPS**2).sqrt()
+    norm_t = text_squares.clamp_min(_EPS**2).sqrt()
+    return inner / (norm_v[:, None] * norm_t[None, :])
+
+
+def dimension_correlation_sums(
+    patch_embeds: torch.Tensor,
+    patch_mask: torch.Tensor,
+    token_embeds: torch.Tensor,
+    token_mask: torch.Tensor,
+    aggregation: str = "region_word",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sums over pairs that :func:`dimension_correlation` divides: ``(⟨m_i^V, m_j^T⟩ [d, d], ‖m_i^V‖² [d],
+    ‖m_j^T‖² [d])``. Each is a sum over the batch's pairs, so the sums of disjoint parts of a batch (the processes of
+    a data-parallel run) add up to the whole batch's."""
     patch_mask = patch_mask.bool()
     token_mask = token_mask.bool()
     v = torch.where(patch_mask[..., None], patch_embeds, patch_embeds.new_zeros(()))
@@ -99,14 +130,14 @@ def dimension_correlation(
     sum_v, sum_t = v.sum(dim=1), t.sum(dim=1)  # [B, d]
     if aggregation == "region_word":
         inner = sum_v.t() @ sum_t  # [d, d]
-        norm_v = (num_words[:, None] * v.pow(2).sum(dim=1)).sum(dim=0).clamp_min(_EPS**2).sqrt()
-        norm_t = (num_patches[:, None] * t.pow(2).sum(dim=1)).sum(dim=0).clamp_min(_EPS**2).sqrt()
-        return inner / (norm_v[:, None] * norm_t[None, :])
+        squares_v = (num_words[:, None] * v.pow(2).sum(dim=1)).sum(dim=0)
+        squares_t = (num_patches[:, None] * t.pow(2).sum(dim=1)).sum(dim=0)
+        return inner, squares_v, squares_t
     if aggregation == "pair_mean":
         both = (num_patches > 0) & (num_words > 0)
         mean_v = (sum_v / num_patches.clamp_min(1)[:, None])[both]
         mean_t = (sum_t / num_words.clamp_min(1)[:, None])[both]
-        return F.normalize(mean_v, dim=0, eps=_EPS).t() @ F.normalize(mean_t, dim=0, eps=_EPS)
+        return mean_v.t() @ mean_t, mean_v.pow(2).sum(dim=0), mean_t.pow(2).sum(dim=0)
     raise ValueError(f"aggregation must be 'region_word' or 'pair_mean', got {aggregation!r}.")
 
 
@@ -177,6 +208,7 @@ class DimensionAlignmentLoss(GapTerm):
     name: ClassVar[str] = "dias_dim"
     requires: ClassVar[frozenset[str]] = frozenset({"local"})
     citation: ClassVar[str] = DIAS_CITATION
+    supports_local_loss: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -195,21 +227,34 @@ class DimensionAlignmentLoss(GapTerm):
                 "Gap term 'dias_dim' needs local features (batch.patch_embeds/token_embeds); the model computes them "
                 "when a term requires 'local'."
             )
-        return self.compute_loss_from_locals(batch.patch_embeds, batch.patch_mask, batch.token_embeds, batch.token_mask)
+        return self.compute_loss_from_locals(
+            batch.patch_embeds, batch.patch_mask, batch.token_embeds, batch.token_mask,
+            sum_over_processes=batch.is_local,
+        )
 
     def compute_loss_from_locals(
         self, patch_embeds: torch.Tensor, patch_mask: torch.Tensor | None, token_embeds: torch.Tensor,
-        token_mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None, *, sum_over_processes: bool = False,
     ) -> torch.Tensor:
+        """``L_dim`` of the given pairs; ``sum_over_processes`` (the local form): of the pairs of every process.
+
+        ``C`` is a ratio of sums over the batch, not a sum of per-pair terms, so the local form adds up each process'
+        sums (:func:`dimension_correlation_sums`, one differentiable all-reduce of ``d² + 2d`` numbers) and every
+        process computes the same ``L_dim`` from them; its share is ``L_dim / W``.
+        """
         if patch_mask is None:
             patch_mask = torch.ones(patch_embeds.shape[:2], dtype=torch.bool, device=patch_embeds.device)
         if token_mask is None:
             token_mask = torch.ones(token_embeds.shape[:2], dtype=torch.bool, device=token_embeds.device)
         patch_embeds, token_embeds = _upcast(patch_embeds), _upcast(token_embeds)
-        correlation = dimension_correlation(
-            patch_embeds, patch_mask, token_embeds, token_mask, aggregation=self.aggregation
-        )
-        return dimension_alignment_loss(correlation, self.correlation_transform)
+        sums = dimension_correlation_sums(patch_embeds, patch_mask, token_embeds, token_mask, self.aggregation)
+        world_size = distributed_info()[1] if sum_over_processes else 1
+        if world_size > 1:
+            dim = sums[1].shape[0]
+            flat = all_reduce_with_grad(torch.cat([sum_.reshape(-1) for sum_ in sums]))
+            sums = flat[: dim * dim].view(dim, dim), flat[dim * dim : dim * dim + dim], flat[dim * dim + dim :]
+        loss = dimension_alignment_loss(correlation_from_sums(*sums), self.correlation_transform)
+        return loss / world_size
 
 
 # ------------------------------------------------------------------------------ sparse correlation (Eq. 11-14)
@@ -221,6 +266,7 @@ def sparse_correlation_mask(
     mask: str = "straight_through",
     temperature: float = 0.5,
     selection: str = "dependency",
+    column_statistics: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The sparse selection ``B`` of Eq. 11-14 for a spatial difference matrix (``X - Xᵀ`` or ``Y - Z``).
 
@@ -256,9 +302,11 @@ def sparse_correlation_mask(
         unmatched: ``[N, N]`` bool, pairs showing different images.
         beta_row / beta_col: ``[N]`` β^V (rows) / β^T (columns).
         selection: ``"dependency"`` (compare p with κ) or ``"difference"`` (compare ``|d|`` with κ, as printed).
+        column_statistics: for a block of rows ``[b, N]`` of a matrix (the local form): ``(μ, θ)`` of the rows
+            given → ``(μ, θ)`` of the ``N`` columns. Default: taken over the columns of ``difference`` itself.
 
     Returns:
-        ``[N, N]`` float mask (values in {0, 1} in forward unless ``mask="soft"``).
+        ``[N, N]`` (or ``[b, N]``) float mask (values in {0, 1} in forward unless ``mask="soft"``).
     """
     with torch.no_grad():
         p = torch.sigmoid(-difference.detach().abs())
@@ -272,7 +320,7 @@ def sparse_correlation_mask(
             return mean, std
 
         mu_row, theta_row = stats(1)
-        mu_col, theta_col = stats(0)
+        mu_col, theta_col = stats(0) if column_statistics is None else column_statistics(mu_row, theta_row)
     beta_row = beta_row.to(p.dtype)
     beta_col = beta_col.to(p.dtype)
     kappa_row = mu_row + beta_row.detach() * theta_row  # Eq. 12
@@ -304,6 +352,7 @@ class _SparseSpatialTerm(GapTerm):
     """Shared machinery of ``dias_inter``/``dias_intra``: ``Σ_ij b_ij (difference_ij)²`` with learnable β slots."""
 
     citation: ClassVar[str] = DIAS_CITATION
+    supports_local_loss: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -335,21 +384,35 @@ class _SparseSpatialTerm(GapTerm):
             else:
                 self.register_buffer(side, init)
 
-    def spatial_difference(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    def spatial_difference(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
+        """The ``[N, N]`` difference matrix, or its ``rows`` ``[b, N]``; ``|d|`` must be symmetric."""
         raise NotImplementedError  # pragma: no cover
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
+        if batch.is_local:
+            return self.compute_loss_from_embeddings(
+                batch.image_embeds, batch.text_embeds, batch.local_positive_mask, rows=batch.rows
+            )
         return self.compute_loss_from_embeddings(batch.image_embeds, batch.text_embeds, batch.positive_mask)
 
     def compute_loss_from_embeddings(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, positive_mask: torch.Tensor | None = None
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, positive_mask: torch.Tensor | None = None, *,
+        rows: slice | None = None,
     ) -> torch.Tensor:
-        """Model-free loss on L2-normalised global embeddings ``[N, D]`` (row i of each is pair i)."""
+        """Model-free loss on L2-normalised global embeddings ``[N, D]`` (row i of each is pair i).
+
+        ``rows`` (the local form, on every process of a data-parallel run): the share of those rows, ``[b, N]``
+        memory; ``positive_mask`` then holds their rows. The sparse mask's column statistics are the gathered row
+        statistics of all processes, which equal them because ``|d|`` and the matched pairs are symmetric.
+        """
         image_embeds, text_embeds = _upcast(image_embeds), _upcast(text_embeds)
         n = image_embeds.shape[0]
         if positive_mask is None:
-            positive_mask = torch.eye(n, dtype=torch.bool, device=image_embeds.device)
-        difference = self.spatial_difference(image_embeds, text_embeds)
+            positive_mask = torch.eye(n, dtype=torch.bool, device=image_embeds.device)[slice(None) if rows is None
+                                                                                       else rows]
+        difference = self.spatial_difference(image_embeds, text_embeds, rows)
         unmatched = ~positive_mask.bool()
         if self.sparse:
             max_batch_size = self.max_batch_size
@@ -359,9 +422,11 @@ class _SparseSpatialTerm(GapTerm):
                     f"{max_batch_size} (one learnable β per row slot). Set options={{'max_batch_size': {n}}} or more "
                     "(or 'sparse': False)."
                 )
+            beta_rows = self.beta_image[:n] if rows is None else self.beta_image[rows]
             weights = sparse_correlation_mask(
-                difference, unmatched, self.beta_image[:n], self.beta_text[:n],
+                difference, unmatched, beta_rows, self.beta_text[:n],
                 mask=self.mask, temperature=float(self.temperature), selection=self.selection,
+                column_statistics=None if rows is None else _gathered_statistics,
             )
         else:
             weights = unmatched.to(difference.dtype)
@@ -369,6 +434,11 @@ class _SparseSpatialTerm(GapTerm):
         if self.reduction == "mean":
             loss = loss / (n * n)
         return loss
+
+
+def _gathered_statistics(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process' row statistics, in global row order: the column statistics of a symmetric matrix."""
+    return gather_features(mean), gather_features(std)
 
 
 _SPATIAL_DOC = """
@@ -425,9 +495,14 @@ class InterSpatialLoss(_SparseSpatialTerm):
 
     name: ClassVar[str] = "dias_inter"
 
-    def spatial_difference(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        x = image_embeds @ text_embeds.t()
-        return x - x.t()
+    def spatial_difference(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
+        if rows is None:
+            x = image_embeds @ text_embeds.t()
+            return x - x.t()
+        # Row i of Xᵀ is column i of X: caption i against every image.
+        return image_embeds[rows] @ text_embeds.t() - text_embeds[rows] @ image_embeds.t()
 
 
 @register_term
@@ -448,8 +523,11 @@ class IntraSpatialLoss(_SparseSpatialTerm):
 
     name: ClassVar[str] = "dias_intra"
 
-    def spatial_difference(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        return image_embeds @ image_embeds.t() - text_embeds @ text_embeds.t()
+    def spatial_difference(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
+        rows = slice(None) if rows is None else rows
+        return image_embeds[rows] @ image_embeds.t() - text_embeds[rows] @ text_embeds.t()
 
 
 # Both docstrings share the sparse-constraint text; ``python -OO`` strips docstrings, leaving nothing to fill in.
@@ -463,7 +541,9 @@ __all__ = [
     "DimensionAlignmentLoss",
     "InterSpatialLoss",
     "IntraSpatialLoss",
+    "correlation_from_sums",
     "dimension_alignment_loss",
     "dimension_correlation",
+    "dimension_correlation_sums",
     "sparse_correlation_mask",
 ]

@@ -15,8 +15,9 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from ..distributed import gather_features
 from .base import DualEncoder, GapBatch, GapTerm, TermInput, register_term
-from .contrastive import InfoNCELoss
+from .contrastive import InfoNCELoss, infonce_share
 
 LGMGC_CITATION = """@misc{lgmgc,
   title={Local and Generative-driven Modality Gap Correction for Image-Text Retrieval (LG-MGC)},
@@ -65,6 +66,10 @@ class LSCLoss(GapTerm):
     Selection uses ``topk`` + ``gather`` on masked similarities (no loop over the batch); cost ``O(B·(P+L)·D)`` for
     selection and ``O(B²·D)`` for the loss. The term has no parameters.
 
+    Local loss (``local_loss``): each process fuses its own rows (its local features are never gathered), gathers the
+    fused ``[b, 2D]`` (or ``[b, D]``) embeddings with gradients and computes the InfoNCE rows of its samples,
+    ``O(b·(P+L)·D + b·B·D)``.
+
     Args:
         embed_dim: the model's embedding dimension (given by the registry).
         k: local tokens selected per image and per caption (``>= 1``).
@@ -98,6 +103,7 @@ class LSCLoss(GapTerm):
     name: ClassVar[str] = "lsc"
     requires: ClassVar[frozenset[str]] = frozenset({"local"})
     citation: ClassVar[str] = LGMGC_CITATION
+    supports_local_loss: ClassVar[bool] = True
     FUSIONS: ClassVar[tuple[str, ...]] = typing.get_args(Fusion)
 
     def __init__(self, embed_dim: int, *, k: int = 4, fusion: Fusion = "concat"):
@@ -112,6 +118,16 @@ class LSCLoss(GapTerm):
             raise ValueError(
                 "Gap term 'lsc' needs local features (patch_embeds and token_embeds) in the GapBatch; "
                 "GapClipModel computes them when a term has requires={'local'} and return_loss=True."
+            )
+        if batch.is_local:
+            rows = batch.rows
+            fused_images = gather_features(self.fuse_embeddings(batch.image_embeds[rows], batch.patch_embeds,
+                                                                batch.patch_mask))
+            fused_texts = gather_features(self.fuse_embeddings(batch.text_embeds[rows], batch.token_embeds,
+                                                               batch.token_mask))
+            return infonce_share(
+                fused_images[rows], fused_texts[rows], fused_images, fused_texts, batch.logit_scale,
+                batch.local_positive_mask, batch.batch_size,
             )
         return self.compute_loss_from_embeddings(
             batch.image_embeds, batch.patch_embeds, batch.patch_mask,
@@ -269,6 +285,7 @@ class GSTLoss(GapTerm):
 
     name: ClassVar[str] = "gst"
     citation: ClassVar[str] = LGMGC_CITATION
+    supports_local_loss: ClassVar[bool] = True
     inputs: ClassVar[tuple[TermInput, ...]] = (
         TermInput(
             "translation", collate="text",
@@ -309,7 +326,9 @@ class GSTLoss(GapTerm):
         has_translation = batch.extras.get("has_translation") if self.on_missing == "skip" else None
         return self.compute_loss_from_embeddings(
             batch.image_embeds, batch.extras["translation_embeds"], batch.text_embeds,
-            logit_scale=batch.logit_scale, positive_mask=batch.positive_mask, has_translation=has_translation,
+            logit_scale=batch.logit_scale,
+            positive_mask=batch.local_positive_mask if batch.is_local else batch.positive_mask,
+            has_translation=has_translation, rows=batch.local_rows,
         )
 
     def _check_present(self, has_translation: torch.Tensor) -> None:
@@ -330,13 +349,20 @@ class GSTLoss(GapTerm):
         logit_scale: torch.Tensor | float,
         positive_mask: torch.Tensor | None = None,
         has_translation: torch.Tensor | None = None,
+        rows: slice | None = None,
     ) -> torch.Tensor:
-        """The GST distance on normalised ``[B, D]`` embeddings; model-free (``positive_mask`` defaults to ``I``)."""
+        """The GST distance on normalised ``[B, D]`` embeddings; model-free (``positive_mask`` defaults to ``I``).
+
+        ``rows`` (the local form): only the share of those query rows, against all ``B`` columns and divided by the
+        global count of rows GST averages over; ``positive_mask`` then holds their ``[b, B]`` rows. Rows without a
+        translation (``on_missing="skip"``) are masked out, not indexed away, so nothing is read on the host.
+        """
         batch_size = image_embeds.shape[0]
+        rows = slice(0, batch_size) if rows is None else rows
         if positive_mask is None:
-            positive_mask = torch.eye(batch_size, dtype=torch.bool, device=image_embeds.device)
-        keep = None
+            positive_mask = torch.eye(batch_size, dtype=torch.bool, device=image_embeds.device)[rows]
         self.last_skipped = 0
+        keep = None
         if has_translation is not None:
             has_translation = has_translation.bool()
             if self.on_missing == "error":
@@ -344,42 +370,50 @@ class GSTLoss(GapTerm):
             else:
                 keep = has_translation
                 self.last_skipped = (~keep).sum()
-
+        # Averages are over every row of the whole batch that has a translation, whichever rows this call computes.
+        count = batch_size if keep is None else keep.sum().clamp_min(1)
+        images, translations = image_embeds[rows], translation_embeds[rows]
         if self.distance == "infonce":
-            logits_per_image = logit_scale * image_embeds @ translation_embeds.t()
             if keep is None:
-                return InfoNCELoss.compute_loss_from_logits(logits_per_image, positive_mask)
-            return _masked_info_nce(logits_per_image, positive_mask, keep)
+                return infonce_share(
+                    images, translations, image_embeds, translation_embeds, logit_scale, positive_mask, count
+                )
+            return _masked_info_nce_share(
+                images, translations, image_embeds, translation_embeds, logit_scale, positive_mask, keep[rows], keep,
+                count,
+            )
         if self.distance == "kl":
-            target = F.log_softmax(logit_scale * translation_embeds.detach() @ text_embeds.detach().t(), dim=1)
-            prediction = F.log_softmax(logit_scale * image_embeds @ text_embeds.t(), dim=1)
-            if keep is None:
-                return F.kl_div(prediction, target, reduction="batchmean", log_target=True)
+            target = F.log_softmax(logit_scale * translations.detach() @ text_embeds.detach().t(), dim=1)
+            prediction = F.log_softmax(logit_scale * images @ text_embeds.t(), dim=1)
             per_row = F.kl_div(prediction, target, reduction="none", log_target=True).sum(dim=1)
-            return _mean_over_kept(per_row, keep)
-        per_row = (image_embeds - translation_embeds).pow(2).sum(dim=-1)
-        return per_row.mean() if keep is None else _mean_over_kept(per_row, keep)
+        else:
+            per_row = (images - translations).pow(2).sum(dim=-1)
+        if keep is not None:
+            per_row = torch.where(keep[rows], per_row, 0.0)
+        return per_row.sum() / count
 
 
-def _mean_over_kept(per_row: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean of ``per_row`` over the kept rows (0, with a graph, when none is kept)."""
-    return torch.where(keep, per_row, 0.0).sum() / keep.sum().clamp_min(1)
+def _masked_info_nce_share(
+    image_rows: torch.Tensor, translation_rows: torch.Tensor, image_embeds: torch.Tensor,
+    translation_embeds: torch.Tensor, scale: torch.Tensor | float, positive_rows: torch.Tensor,
+    keep_rows: torch.Tensor, keep: torch.Tensor, normaliser: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`infonce_share` on the kept rows and columns only, computed on the full ``[b, B]`` matrices (a dropped
+    column's logit is the dtype's minimum, so its softmax weight is 0; a dropped row has no positive and adds 0)
+    rather than by boolean indexing, which would read the mask on the host."""
+    pair = keep_rows[:, None] & keep[None, :]
+    positives = positive_rows & pair
+    targets = positives.to(image_rows.dtype) / positives.sum(dim=1, keepdim=True).clamp_min(1)
+    fill = torch.finfo(image_rows.dtype).min
 
+    def direction(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.masked_fill(~pair, fill)
+        return -torch.where(positives, targets * F.log_softmax(logits, dim=1), 0.0).sum()
 
-def _masked_info_nce(logits_per_image: torch.Tensor, positive_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """:meth:`InfoNCELoss.compute_loss_from_logits` on the kept rows and columns only, computed on the full matrix
-    (a dropped column's logit is the dtype's minimum, so its softmax weight is 0) rather than by indexing."""
-    pair = keep[:, None] & keep[None, :]
-    positives = positive_mask & pair
-    logits = logits_per_image.masked_fill(~pair, torch.finfo(logits_per_image.dtype).min)
-    kept = keep.sum().clamp_min(1)
-
-    def direction(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        targets = positives.to(logits.dtype) / positives.sum(dim=1, keepdim=True).clamp_min(1)
-        per_row = torch.where(positives, targets * F.log_softmax(logits, dim=1), 0.0).sum(dim=1)
-        return -per_row.sum() / kept  # a dropped row has no positive: it adds 0
-
-    return 0.5 * (direction(logits, positives) + direction(logits.t(), positives.t()))
+    # Column j of the translation->image logits is row j of the image->translation ones; the relation is symmetric.
+    total = direction(scale * image_rows @ translation_embeds.t())
+    total = total + direction(scale * translation_rows @ image_embeds.t())
+    return 0.5 * total / normaliser
 
 
 __all__ = ["GSTLoss", "LSCLoss", "fuse_global_and_locals", "select_top_k_locals"]

@@ -1,0 +1,335 @@
+"""Peak memory and step time vs global batch: global loss, local loss and gradient caching, side by side.
+
+Each batch size runs in a fresh subprocess (at --smoke all in one), its variants back to back and repeated in
+alternating order, so their ratios are taken close in time. Memory is the peak above what the process holds just before the measured step:
+on CPU the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` before the step; glibc's mmap threshold is
+pinned so freed tensors leave the RSS; torch's CPU tensors are invisible to ``tracemalloc``), on GPU
+``torch.cuda.max_memory_allocated``.
+
+1. **Training step of one process** (forward + backward, no optimizer; a random CLIP at the mode's shape, InfoNCE):
+   the global loss, the local loss (on one process the same objective through the local code path: its overhead) and
+   gradient caching with chunks of C rows, for global batches 64 … 4096.
+2. **The objective of one process of a data-parallel run** with ``b`` rows per process and ``W = B/b`` processes
+   (up to 64, more than one machine runs here): process 0's objective on stand-ins for the gathered embeddings of the
+   whole batch, forward + backward, global (``B × B``) against local (``b × B``). Objective: InfoNCE + CSA + GST + DIAS
+   inter/intra (dense), the terms whose local form needs no collective (LSC, USA, the sparse DIAS mask and
+   ``dias_dim`` gather or sum what their rows derive, which one process cannot stand in for).
+
+Plus, for each variant, the largest batch of the ladder whose peak fits a fixed memory budget (``--budget_mib``).
+Targets (printed, never asserted): the local objective grows as ``b·B`` (fitted exponent in ``B`` at fixed ``b``:
+about 1, against about 2 for the global one) and its step takes ≤ 1.05× the global step; with gradient caching the
+peak stays flat in the batch size beyond the chunk (fitted exponent near 0) and the step takes ≤ 1.35× the uncached
+step wherever that fits the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+NAME = "memory"
+BATCHES = {"full": (64, 128, 256, 512, 1024, 2048, 4096), "quick": (64, 256, 1024, 4096), "smoke": (8, 16, 32)}
+CHUNK = {"full": 64, "quick": 64, "smoke": 8}
+PER_PROCESS = {"full": 64, "quick": 64, "smoke": 4}
+BUDGET_MIB = {"full": 1024.0, "quick": 1024.0, "smoke": 64.0}
+OBJECTIVE_DIM = {"full": 256, "quick": 128, "smoke": 32}  # the quick shape's embedding width
+STEP_VARIANTS = ("global loss", "local loss", "gradient caching")
+OBJECTIVE_VARIANTS = ("global loss", "local loss")
+OBJECTIVE_TERMS = [
+    {"name": "csa", "weight": 0.1}, {"name": "gst", "weight": 1.0},
+    {"name": "dias_inter", "weight": 0.05, "options": {"sparse": False}},
+    {"name": "dias_intra", "weight": 0.1, "options": {"sparse": False}},
+]
+#: Allocations of 64 KiB or more are mmap'ed and given back when freed, so the RSS follows the live tensors.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+# --------------------------------------------------------------------------------------------- measuring (child)
+def _kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory above the level at :meth:`start`, in MiB (CPU: RSS high-water mark; CUDA: the allocator's)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def start(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:  # not Linux / not allowed: the high-water mark then includes the set-up's peak
+            pass
+        self.base = _kib("VmRSS") * 1024
+
+    def peak_mib(self) -> float:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def _step_fn(task: dict[str, Any]):
+    """The measured callable of one variant (and a warm-up callable on a few rows)."""
+    import torch
+    from gapclip import GapClipConfig, GapClipModel
+    from gapclip.gradient_cache import gradient_cached_forward
+
+    mode, device, size = task["mode"], task["device"], task["batch"]
+    torch.manual_seed(0)
+    if task["part"] == "step":
+        config = GapClipConfig(C.clip_config(mode), local_loss=task["variant"] == "local loss")
+        model = GapClipModel(config).to(device).train()
+        batch = C.make_batch(mode, size, device)
+        small = C.make_batch(mode, 4, device, seed=2)
+        cached = task["variant"] == "gradient caching"
+
+        def step(inputs=batch):
+            model.zero_grad(set_to_none=True)
+            if cached:
+                loss = gradient_cached_forward(model, inputs, task["chunk"]).loss
+            else:
+                loss = model(**inputs, return_loss=True).loss
+            loss.backward()
+
+        return step, lambda: step(small)
+
+    from gapclip.losses import GapBatch
+
+    config = GapClipConfig(C.clip_config("smoke"), gap_terms=OBJECTIVE_TERMS)
+    model = GapClipModel(config).to(device)
+    dim, rows = task["dim"], task["per_process"]
+    generator = torch.Generator().manual_seed(1)
+
+    def stand_ins(n: int) -> dict[str, torch.Tensor]:
+        def unit(width):
+            return torch.nn.functional.normalize(torch.randn(n, width, generator=generator), dim=-1).to(device)
+
+        return {"image": unit(dim), "text": unit(dim), "translation": unit(dim), "teacher_image": unit(C.TEACHER_DIM),
+                "teacher_text": unit(C.TEACHER_DIM)}
+
+    def objective(values, local_rows):
+        leaves = {key: value.clone().requires_grad_(key in ("image", "text", "translation"))
+                  for key, value in values.items()}
+        batch = GapBatch(
+            image_embeds=leaves["image"], text_embeds=leaves["text"],
+            logit_scale=torch.tensor(14.0, device=device), local_rows=local_rows,
+            extras={"translation_embeds": leaves["translation"], "teacher_image_embeds": leaves["teacher_image"],
+                    "teacher_text_embeds": leaves["teacher_text"],
+                    "has_translation": torch.ones(values["image"].shape[0], dtype=torch.bool, device=device)},
+        )
+        model.compute_loss(batch)[0].backward()
+
+    whole, few = stand_ins(size), stand_ins(2 * rows)
+    local = task["variant"] == "local loss"
+    return (lambda: objective(whole, slice(0, rows) if local else None),
+            lambda: objective(few, slice(0, rows) if local else None))
+
+
+def run_child(task: dict[str, Any]) -> dict[str, Any]:
+    """Subprocess entry: every variant of one part at one batch size, each warmed up on a few rows, then ``repeats``
+    rounds in alternating order; each step's time and peak memory above the level just before it."""
+    import torch
+
+    torch.set_num_threads(task["threads"])
+    fns = {variant: _step_fn({**task, "variant": variant}) for variant in task["variants"]}
+    for _, warm_up in fns.values():
+        warm_up()  # imports, thread pools, autograd engine: allocated before any baseline
+    meter = PeakMemory(task["device"])
+    results = {variant: {"peak_mib": 0.0, "times_s": []} for variant in fns}
+    for round_index in range(task["repeats"]):
+        order = list(fns) if round_index % 2 == 0 else list(reversed(fns))
+        for variant in order:
+            meter.start()
+            C.sync(task["device"])
+            start = time.perf_counter()
+            fns[variant][0]()
+            C.sync(task["device"])
+            results[variant]["times_s"].append(time.perf_counter() - start)
+            results[variant]["peak_mib"] = max(results[variant]["peak_mib"], meter.peak_mib())
+    return results
+
+
+def measure(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`run_child` of each task, one after the other in one fresh interpreter (its RSS is its own; glibc's mmap
+    threshold pinned at start-up)."""
+    env = {**os.environ, **CHILD_ENV}
+    out = subprocess.run([sys.executable, __file__, "--_child", json.dumps(tasks)], capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench_memory child {tasks} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------- the run (parent)
+def fitted_exponent(sizes: Sequence[float], values: Sequence[float]) -> float:
+    """Least-squares slope of ``log(value)`` against ``log(size)`` (values floored at 0.01 MiB)."""
+    xs = [math.log(s) for s in sizes]
+    ys = [math.log(max(v, 0.01)) for v in values]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    denominator = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / denominator if denominator else float("nan")
+
+
+def largest_within(sizes: Sequence[int], peaks: Sequence[float], budget: float) -> str:
+    fitting = [size for size, peak in zip(sizes, peaks) if peak <= budget]
+    if not fitting:
+        return f"< {sizes[0]}"
+    return f"≥ {fitting[-1]} (all measured)" if fitting[-1] == sizes[-1] else str(fitting[-1])
+
+
+def run_part(part: str, variants: Sequence[str], sizes: Sequence[int], base: dict[str, Any], repeats: int) -> dict:
+    """Every variant at every size, the variants interleaved: one subprocess per size (at --smoke one for all sizes,
+    since starting an interpreter with torch costs more than the smoke steps)."""
+    tasks = [{**base, "part": part, "variants": list(variants), "batch": size, "repeats": repeats} for size in sizes]
+    groups = [tasks] if base["mode"] == "smoke" else [[task] for task in tasks]
+    measured = [result for group in groups for result in measure(group)]
+    results: dict[int, dict[str, dict]] = dict(zip(sizes, measured))
+    for size in sizes:
+        print(f"  {part} B={size}: " + ", ".join(
+            f"{v} {results[size][v]['peak_mib']:.1f} MiB {C.median(results[size][v]['times_s']) * 1e3:.1f} ms"
+            for v in variants), flush=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    def extra(parser):
+        parser.add_argument("--budget_mib", type=float, default=None, help="memory budget of the 'largest batch' rows")
+        parser.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: all)")
+
+    args = C.parse_args(__doc__.splitlines()[0], argv, extra=extra)
+    import torch
+
+    mode, device = args.mode, args.device
+    repeats = args.repeats or {"full": 3, "quick": 2, "smoke": 1}[mode]
+    budget = args.budget_mib or BUDGET_MIB[mode]
+    sizes, chunk, per_process = BATCHES[mode], CHUNK[mode], PER_PROCESS[mode]
+    base = {"mode": mode, "device": device, "chunk": chunk, "threads": args.threads or torch.get_num_threads(),
+            "per_process": per_process, "dim": OBJECTIVE_DIM[mode]}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    # 1. the training step of one process
+    steps = run_part("step", STEP_VARIANTS, sizes, base, repeats)
+    rows, step_summary = [], {}
+    for size in sizes:
+        row: list[Any] = [size]
+        reference = C.median(steps[size]["global loss"]["times_s"])
+        for variant in STEP_VARIANTS:
+            entry = steps[size][variant]
+            seconds = C.median(entry["times_s"])
+            entry["median_s"], entry["ratio_vs_global"] = seconds, seconds / reference
+            row += [f"{entry['peak_mib']:.1f}", f"{seconds * 1e3:.1f}"]
+            if variant != "global loss":
+                row.append(f"{entry['ratio_vs_global']:.2f}×")
+        rows.append(row)
+    columns = ["B", "global MiB", "global ms", "local MiB", "local ms", "local/global", f"cached (C={chunk}) MiB",
+               "cached ms", "cached/global"]
+    beyond = [size for size in sizes if size > chunk]
+    for variant in STEP_VARIANTS:
+        peaks = [steps[size][variant]["peak_mib"] for size in sizes]
+        step_summary[variant] = {
+            "fitted_exponent": fitted_exponent(beyond, [steps[s][variant]["peak_mib"] for s in beyond])
+            if len(beyond) > 1 else float("nan"),
+            "largest_batch_within_budget": largest_within(sizes, peaks, budget),
+        }
+    fits_budget = [s for s in sizes if steps[s]["global loss"]["peak_mib"] <= budget]
+    local_ratios = [steps[s]["local loss"]["ratio_vs_global"] for s in sizes]
+    cached_ratios = [steps[s]["gradient caching"]["ratio_vs_global"] for s in fits_budget]
+    summary_rows = [
+        [variant, f"{step_summary[variant]['fitted_exponent']:.2f}",
+         step_summary[variant]["largest_batch_within_budget"]]
+        for variant in STEP_VARIANTS
+    ]
+    targets = [
+        ["local loss step ≤ 1.05× global (median over B)", f"{C.median(local_ratios):.3f}×",
+         C.met(C.median(local_ratios) <= 1.05)],
+        [f"cached step ≤ 1.35× uncached where the uncached fits {budget:.0f} MiB (worst B)",
+         f"{max(cached_ratios):.3f}×" if cached_ratios else "n/a",
+         C.met(bool(cached_ratios) and max(cached_ratios) <= 1.35)],
+        [f"cached peak flat beyond the chunk (exponent in B over B > {chunk})",
+         f"{step_summary['gradient caching']['fitted_exponent']:.2f}",
+         C.met(step_summary["gradient caching"]["fitted_exponent"] <= 0.25)],
+    ]
+
+    # 2. the objective of one process of a W = B / b process run
+    objectives = run_part("objective", OBJECTIVE_VARIANTS, sizes, base, repeats)
+    objective_rows = []
+    for size in sizes:
+        glob, loc = objectives[size]["global loss"], objectives[size]["local loss"]
+        ratio = C.median(loc["times_s"]) / C.median(glob["times_s"])
+        loc["ratio_vs_global"] = ratio
+        objective_rows.append([size, size // per_process, f"{glob['peak_mib']:.2f}",
+                               f"{C.median(glob['times_s']) * 1e3:.2f}", f"{loc['peak_mib']:.2f}",
+                               f"{C.median(loc['times_s']) * 1e3:.2f}", f"{ratio:.2f}×"])
+    fit_sizes = [s for s in sizes if s >= 4 * per_process] or list(sizes)
+    objective_summary = {
+        variant: {
+            "fitted_exponent": fitted_exponent(fit_sizes, [objectives[s][variant]["peak_mib"] for s in fit_sizes]),
+            "largest_batch_within_budget": largest_within(
+                sizes, [objectives[s][variant]["peak_mib"] for s in sizes], budget / 4),
+        }
+        for variant in OBJECTIVE_VARIANTS
+    }
+    local_exponent = objective_summary["local loss"]["fitted_exponent"]
+    targets.insert(0, [f"local objective ∝ b·B: exponent in B at b = {per_process} (global: "
+                       f"{objective_summary['global loss']['fitted_exponent']:.2f})", f"{local_exponent:.2f}",
+                       C.met(abs(local_exponent - 1.0) <= 0.25)])
+
+    s = C.SHAPES[mode]
+    load_text = "n/a" if load is None else ", ".join(f"{value:.2f}" for value in load)
+    shape = (f"{s['num_layers']} layers, width {s['hidden_size']}, {s['image_size']} px / patch {s['patch_size']}, "
+             f"{C.SEQ_LEN} tokens; InfoNCE; forward + backward, no optimizer; peak memory above the process before "
+             f"the step (max over {repeats} subprocess runs), median step time; load average {load_text}")
+    objective_text = (f"process 0 of W = B/{per_process} processes: objective (InfoNCE + CSA + GST + DIAS inter/intra "
+                      f"dense) on stand-in gathered embeddings of width {OBJECTIVE_DIM[mode]}, forward + backward")
+    sections = [
+        (f"Training step of one process ({shape})", C.markdown_table(columns, rows)),
+        (f"Fitted peak-memory exponent in B (over B > {chunk}) and largest batch within {budget:.0f} MiB",
+         C.markdown_table(["variant", "exponent", "largest B"], summary_rows)),
+        (f"Objective of one process ({objective_text})",
+         C.markdown_table(["B", "W", "global MiB", "global ms", "local MiB", "local ms", "local/global"],
+                          objective_rows)),
+        (f"Objective: fitted exponent in B (over B ≥ {4 * per_process}) and largest B within {budget / 4:.0f} MiB",
+         C.markdown_table(["variant", "exponent", "largest B"], [
+             [v, f"{objective_summary[v]['fitted_exponent']:.2f}", objective_summary[v]["largest_batch_within_budget"]]
+             for v in OBJECTIVE_VARIANTS])),
+        ("Targets (printed, not asserted)", C.markdown_table(["target", "measured", "status"], targets)),
+    ]
+    data = {
+        "shape": shape, "load_average": load, "budget_mib": budget, "chunk": chunk, "per_process": per_process,
+        "step": {str(size): steps[size] for size in sizes}, "step_summary": step_summary,
+        "objective": {str(size): objectives[size] for size in sizes}, "objective_summary": objective_summary,
+        "targets": [[str(cell) for cell in target] for target in targets],
+    }
+    C.write_results(args, NAME, "Memory and step time vs global batch: global loss, local loss, gradient caching",
+                    sections, data)
+    return data
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--_child":
+        print(json.dumps([run_child(task) for task in json.loads(sys.argv[2])]))
+    else:
+        main()
