@@ -60,8 +60,14 @@ class RunSpec:
         return any("teacher" in TERM_NEEDS.get(name, ()) for name, _, _ in self.gap_terms)
 
 
+#: Code changes that alter the runs of a base loss without changing their spec: a run cached before one is redone.
+BASE_LOSS_REVISIONS = {"triplet": "distance-weighted negatives drawn by inverse CDF (issue 17)"}
+
+
 def run_key(spec: RunSpec, context_key: str) -> str:
     payload = {key: value for key, value in asdict(spec).items() if key != "label"}
+    if spec.base in BASE_LOSS_REVISIONS:
+        payload["revision"] = BASE_LOSS_REVISIONS[spec.base]
     digest = hashlib.sha1(json.dumps([context_key, payload], sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16]
 
