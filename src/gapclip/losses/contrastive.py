@@ -33,9 +33,10 @@ VSEPP_CITATION = """@inproceedings{faghri2018vsepp,
 
 
 def soft_positive_targets(positive_mask: torch.Tensor) -> torch.Tensor:
-    """Row-normalised positive mask: a row with several positives spreads its target mass evenly over them."""
+    """Row-normalised positive mask: a row with several positives spreads its target mass evenly over them (a row
+    with none, e.g. one masked out of :func:`infonce_share`, has no target)."""
     positive_mask = positive_mask.float()
-    return positive_mask / positive_mask.sum(dim=1, keepdim=True)
+    return positive_mask / positive_mask.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,7 @@ def infonce_share(
     scale: torch.Tensor | float,
     positive_rows: torch.Tensor,
     normaliser: int | torch.Tensor,
+    pair_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Local form of symmetric InfoNCE: the share of some query rows, ``O(b·B)`` memory.
 
@@ -59,10 +61,19 @@ def infonce_share(
     ``text_embeds``); with every row and ``normaliser = B`` it is :meth:`InfoNCELoss.compute_loss_from_logits`.
     Column ``j`` of the caption→image logits is row ``j`` of the image→caption ones, and the same-image relation is
     symmetric, so the caption queries reuse ``positive_rows``.
+
+    ``pair_mask`` (``[b, B]``, symmetric like the positives): only these pairs take part. The others get the dtype's
+    minimum logit (softmax weight 0) and are no positives, so a row without a pair adds 0; masking rather than
+    indexing reads nothing on the host.
     """
-    targets = soft_positive_targets(positive_rows)
     image_logits = scale * image_rows @ text_embeds.t()
     text_logits = scale * text_rows @ image_embeds.t()
+    if pair_mask is not None:
+        positive_rows = positive_rows & pair_mask
+        fill = torch.finfo(image_logits.dtype).min
+        image_logits = image_logits.masked_fill(~pair_mask, fill)
+        text_logits = text_logits.masked_fill(~pair_mask, fill)
+    targets = soft_positive_targets(positive_rows)
     total = -(targets * F.log_softmax(image_logits, dim=1)).sum() - (targets * F.log_softmax(text_logits, dim=1)).sum()
     return 0.5 * total / normaliser
 

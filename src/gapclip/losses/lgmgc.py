@@ -374,13 +374,10 @@ class GSTLoss(GapTerm):
         count = batch_size if keep is None else keep.sum().clamp_min(1)
         images, translations = image_embeds[rows], translation_embeds[rows]
         if self.distance == "infonce":
-            if keep is None:
-                return infonce_share(
-                    images, translations, image_embeds, translation_embeds, logit_scale, positive_mask, count
-                )
-            return _masked_info_nce_share(
-                images, translations, image_embeds, translation_embeds, logit_scale, positive_mask, keep[rows], keep,
-                count,
+            # The rows without a translation are neither queries nor candidates.
+            pairs = None if keep is None else keep[rows][:, None] & keep[None, :]
+            return infonce_share(
+                images, translations, image_embeds, translation_embeds, logit_scale, positive_mask, count, pairs
             )
         if self.distance == "kl":
             target = F.log_softmax(logit_scale * translations.detach() @ text_embeds.detach().t(), dim=1)
@@ -391,29 +388,6 @@ class GSTLoss(GapTerm):
         if keep is not None:
             per_row = torch.where(keep[rows], per_row, 0.0)
         return per_row.sum() / count
-
-
-def _masked_info_nce_share(
-    image_rows: torch.Tensor, translation_rows: torch.Tensor, image_embeds: torch.Tensor,
-    translation_embeds: torch.Tensor, scale: torch.Tensor | float, positive_rows: torch.Tensor,
-    keep_rows: torch.Tensor, keep: torch.Tensor, normaliser: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`infonce_share` on the kept rows and columns only, computed on the full ``[b, B]`` matrices (a dropped
-    column's logit is the dtype's minimum, so its softmax weight is 0; a dropped row has no positive and adds 0)
-    rather than by boolean indexing, which would read the mask on the host."""
-    pair = keep_rows[:, None] & keep[None, :]
-    positives = positive_rows & pair
-    targets = positives.to(image_rows.dtype) / positives.sum(dim=1, keepdim=True).clamp_min(1)
-    fill = torch.finfo(image_rows.dtype).min
-
-    def direction(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.masked_fill(~pair, fill)
-        return -torch.where(positives, targets * F.log_softmax(logits, dim=1), 0.0).sum()
-
-    # Column j of the translation->image logits is row j of the image->translation ones; the relation is symmetric.
-    total = direction(scale * image_rows @ translation_embeds.t())
-    total = total + direction(scale * translation_rows @ image_embeds.t())
-    return 0.5 * total / normaliser
 
 
 __all__ = ["GSTLoss", "LSCLoss", "fuse_global_and_locals", "select_top_k_locals"]
