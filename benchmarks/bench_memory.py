@@ -1,10 +1,13 @@
 """Peak memory and step time vs global batch: global loss, local loss and gradient caching, side by side.
 
-Each batch size runs in a fresh subprocess (at --smoke all in one), its variants back to back and repeated in
-alternating order, so their ratios are taken close in time. Memory is the peak above what the process holds just before the measured step:
-on CPU the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` before the step; glibc's mmap threshold is
-pinned so freed tensors leave the RSS; torch's CPU tensors are invisible to ``tracemalloc``), on GPU
-``torch.cuda.max_memory_allocated``.
+Each batch size runs in fresh subprocesses (at --smoke all sizes in one), its variants back to back and repeated in
+alternating order, so their ratios are taken close in time. Memory is the peak above what the process holds just
+before the measured step: on CPU the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` before the step;
+torch's CPU tensors are invisible to ``tracemalloc``), on GPU ``torch.cuda.max_memory_allocated``. On CPU, memory and
+time come from two different subprocesses: the memory one pins glibc's mmap threshold so that freed tensors leave the
+RSS, which makes every large allocation a fresh ``mmap`` with its page faults — a cost no training run pays, and one
+that grows with the number of allocations (the chunks of gradient caching most of all); the timed one runs with the
+allocator's defaults.
 
 1. **Training step of one process** (forward + backward, no optimizer; a random CLIP at the mode's shape, InfoNCE):
    the global loss, the local loss (on one process the same objective through the local code path: its overhead) and
@@ -157,25 +160,28 @@ def run_child(task: dict[str, Any]) -> dict[str, Any]:
     fns = {variant: _step_fn({**task, "variant": variant}) for variant in task["variants"]}
     for _, warm_up in fns.values():
         warm_up()  # imports, thread pools, autograd engine: allocated before any baseline
-    meter = PeakMemory(task["device"])
+    meter = PeakMemory(task["device"]) if task["memory"] else None
     results = {variant: {"peak_mib": 0.0, "times_s": []} for variant in fns}
     for round_index in range(task["repeats"]):
         order = list(fns) if round_index % 2 == 0 else list(reversed(fns))
         for variant in order:
-            meter.start()
+            if meter:
+                meter.start()
             C.sync(task["device"])
             start = time.perf_counter()
             fns[variant][0]()
             C.sync(task["device"])
             results[variant]["times_s"].append(time.perf_counter() - start)
-            results[variant]["peak_mib"] = max(results[variant]["peak_mib"], meter.peak_mib())
+            if meter:
+                results[variant]["peak_mib"] = max(results[variant]["peak_mib"], meter.peak_mib())
     return results
 
 
-def measure(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`run_child` of each task, one after the other in one fresh interpreter (its RSS is its own; glibc's mmap
-    threshold pinned at start-up)."""
-    env = {**os.environ, **CHILD_ENV}
+def measure(tasks: list[dict[str, Any]], *, memory: bool) -> list[dict[str, Any]]:
+    """:func:`run_child` of each task, one after the other in one fresh interpreter: ``memory`` — peak memory (its
+    RSS is its own; on CPU glibc's mmap threshold pinned at start-up); otherwise step times (allocator defaults)."""
+    env = {**os.environ, **CHILD_ENV} if memory and tasks[0]["device"] == "cpu" else dict(os.environ)
+    tasks = [{**task, "memory": memory} for task in tasks]
     out = subprocess.run([sys.executable, __file__, "--_child", json.dumps(tasks)], capture_output=True, text=True,
                          env=env)
     if out.returncode != 0:
@@ -205,8 +211,15 @@ def run_part(part: str, variants: Sequence[str], sizes: Sequence[int], base: dic
     since starting an interpreter with torch costs more than the smoke steps)."""
     tasks = [{**base, "part": part, "variants": list(variants), "batch": size, "repeats": repeats} for size in sizes]
     groups = [tasks] if base["mode"] == "smoke" else [[task] for task in tasks]
-    measured = [result for group in groups for result in measure(group)]
-    results: dict[int, dict[str, dict]] = dict(zip(sizes, measured))
+    results: dict[int, dict[str, dict]] = {}
+    for group in groups:
+        peaks = measure([{**task, "repeats": 1} for task in group], memory=True)
+        times = measure(group, memory=False)
+        for task, peak, timed in zip(group, peaks, times):
+            results[task["batch"]] = {
+                variant: {"peak_mib": peak[variant]["peak_mib"], "times_s": timed[variant]["times_s"]}
+                for variant in variants
+            }
     for size in sizes:
         print(f"  {part} B={size}: " + ", ".join(
             f"{v} {results[size][v]['peak_mib']:.1f} MiB {C.median(results[size][v]['times_s']) * 1e3:.1f} ms"
@@ -301,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     load_text = "n/a" if load is None else ", ".join(f"{value:.2f}" for value in load)
     shape = (f"{s['num_layers']} layers, width {s['hidden_size']}, {s['image_size']} px / patch {s['patch_size']}, "
              f"{C.SEQ_LEN} tokens; InfoNCE; forward + backward, no optimizer; peak memory above the process before "
-             f"the step (max over {repeats} subprocess runs), median step time; load average {load_text}")
+             f"the step (one subprocess), median step time over {repeats} rounds (another subprocess, allocator "
+             f"defaults); load average {load_text}")
     objective_text = (f"process 0 of W = B/{per_process} processes: objective (InfoNCE + CSA + GST + DIAS inter/intra "
                       f"dense) on stand-in gathered embeddings of width {OBJECTIVE_DIM[mode]}, forward + backward")
     sections = [

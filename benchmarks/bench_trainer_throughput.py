@@ -7,11 +7,12 @@ non-finite guard, the per-term bookkeeping); what the terms cost the model is be
 alternate (gap, hf, gap + terms, hf + terms, ...) after a warm-up run of each. Throughput is the batch size over the
 median optimizer-step time of a run (a callback times every step after the first, data loading included): unlike
 ``train_samples_per_second`` it leaves out ``train()``'s start-up and is not moved by one stalled step of a shared
-machine. Each ratio is the median over the run pairs, with the spread of the pairs' ratios (interquartile range)
-printed beside it. The load average at the start and the end is printed with the table: a figure measured on a busy
-machine is not the target's. Memory: tracemalloc peak of the Python allocations during one extra, untimed
-``train()`` (on CUDA: torch.cuda.max_memory_allocated). Target (printed, never asserted): gapclip ≥ 0.97× the plain
-Trainer's samples/s, in both pairs.
+machine. Each ratio is the median over the run pairs, printed with the spread of the pairs' ratios (interquartile
+range: how far one pair is from another) and a 95 % bootstrap interval of the median itself (how far the printed
+figure could move in a rerun on the same machine state). The load average at the start and the end is printed with
+the table: a figure measured on a busy machine is not the target's. Memory: tracemalloc peak of the Python
+allocations during one extra, untimed ``train()`` (on CUDA: torch.cuda.max_memory_allocated). Target (printed, never
+asserted): gapclip ≥ 0.97× the plain Trainer's samples/s, in both pairs.
 """
 
 from __future__ import annotations
@@ -80,6 +81,18 @@ def collate(rows):
     return out
 
 
+def median_interval(ratios: list[float], resamples: int = 2000, seed: int = 0) -> str:
+    """95 % percentile-bootstrap interval of the median of the pairs' ratios (pairs resampled with replacement)."""
+    import random
+    import statistics
+
+    if len(ratios) < 2:
+        return "-"
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return f"{medians[int(0.025 * resamples)]:.3f}–{medians[int(0.975 * resamples) - 1]:.3f}"
+
+
 def ratio_spread(ratios: list[float]) -> str:
     """The interquartile range of the pairs' ratios: how far one run pair is from another."""
     import statistics
@@ -103,11 +116,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
     mode, device = args.mode, args.device
     batch_size = C.SHAPES[mode]["batch"]
-    # Short runs, many pairs: the load of a shared machine drifts over seconds, so pairs close in time compare best.
-    # A run's cost is mostly the Trainer's set-up (~8 s per run with 4 setups on a loaded 2-core CPU, 10 pairs in
-    # 6.5 min), so --quick, which CI runs, keeps 10 pairs of each; --repeats raises it for a tighter median.
-    steps = {"full": 12, "quick": 12, "smoke": 3}[mode]
-    repeats = args.repeats or {"full": 20, "quick": 10, "smoke": 1}[mode]
+    # Many pairs of short runs: the load of a shared machine drifts over seconds, so pairs close in time compare best.
+    # At 12 steps × 10 pairs the pairs' ratios spread ±5–10 % and the median moved by ~5 % between quiet reruns;
+    # 40 steps (a steadier median step per run) × 16 pairs narrows the median's bootstrap interval to about ±1 %.
+    steps = {"full": 60, "quick": 40, "smoke": 3}[mode]
+    repeats = args.repeats or {"full": 30, "quick": 16, "smoke": 1}[mode]
     full = C.make_batch(mode, batch_size * steps, device="cpu")
     plain_data = TensorDataset({k: full[k] for k in ("input_ids", "attention_mask", "pixel_values")})
     term_data = TensorDataset({k: full[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_index",
@@ -182,11 +195,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     rows = []
     for ours, reference in (("gap", "hf"), ("gap_terms", "hf_terms")):
-        rows.append([labels[reference], C.median(sps[reference]), 1.0, "-", whole[reference], peak[reference],
+        rows.append([labels[reference], C.median(sps[reference]), 1.0, "-", "-", whole[reference], peak[reference],
                      "reference", "-"])
-        rows.append([labels[ours], C.median(sps[ours]), ratio[ours], ratio_spread(pair_ratios[ours]), whole[ours],
-                     peak[ours], "≥ 0.97", C.met(ratio[ours] >= 0.97)])
-    columns = ["setup", "samples/s (median step)", "median ratio", "ratio IQR over pairs",
+        rows.append([labels[ours], C.median(sps[ours]), ratio[ours], median_interval(pair_ratios[ours]),
+                     ratio_spread(pair_ratios[ours]), whole[ours], peak[ours], "≥ 0.97", C.met(ratio[ours] >= 0.97)])
+    columns = ["setup", "samples/s (median step)", "median ratio", "95 % CI of the median", "ratio IQR over pairs",
                "train() samples/s incl. start-up", mem_label, "target", "status"]
     table = C.markdown_table(columns, rows)
     s = C.SHAPES[mode]

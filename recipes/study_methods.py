@@ -1,19 +1,21 @@
 #!/usr/bin/env python
 """The method study: what does each gap term do, from a pretrained start and from scratch, against a tuned baseline?
 
-For each regime it (1) selects the learning rate of each base loss (InfoNCE, triplet) on the validation split,
-(2) selects each term's weight on validation among ``paper weight × {0.1, 1, 10}`` (a grid whose best value is at
-one of its ends grows a step that way, twice at most), (3) trains every variant at the
+For each regime it (0) selects the schedule length (epochs) of each base loss (InfoNCE, triplet) on the validation
+split, (1) its learning rate at that length, (2) each term's weight among ``paper weight × {0.1, 1, 10}`` (a grid
+whose best value is at one of its ends grows a step that way, twice at most), (3) trains every variant at the
 selected settings — baselines, each term alone and each full method over ``--seeds`` seeds, the other variants
 (LSC fusions, GST distances, DIAS readings and ablations) on one seed — and scores them on the test split with a
 paired comparison against the baseline (bootstrap interval over test images, t-test over seeds). Results go to
-``OUTPUT_DIR/study.md`` and ``study.json``; runs are cached in ``OUTPUT_DIR/runs``, so an interrupted study resumes.
+``OUTPUT_DIR/study.md`` and ``study.json`` (``selection-<stage>.md``/``.json`` with ``--stop_after``); runs are
+cached in ``OUTPUT_DIR/runs``, so an interrupted study resumes.
 
     python recipes/study_methods.py --output_dir outputs/study                     # demo data, both regimes
     python recipes/study_methods.py --regime pretrained --families DIAS --seeds 5 --output_dir outputs/dias
     python recipes/study_methods.py --dataset karpathy --karpathy_json dataset_flickr30k.json \\
         --image_root flickr30k-images --translations translations.jsonl --model_name_or_path PATH --output_dir out
     python recipes/study_methods.py --smoke --output_dir /tmp/study                # tiny sizes, a few minutes
+    python recipes/study_methods.py --stop_after epochs --output_dir outputs/study  # only the schedule lengths
 
 Without ``--model_name_or_path`` the pretrained start is the demo CLIP of ``recipes/pretrain_demo.py`` (made on
 first use). ``--dry_run`` prints the plan and its estimated run time without training. On a GPU, ``--device cuda``
@@ -32,6 +34,8 @@ from gapclip.argument_checks import check_model_path
 from gapclip.cli import DataArguments
 from gapclip.console import format_summary, run_recipe
 from gapclip.study import FAMILIES, REGIMES, MethodStudy, StudySettings
+from gapclip.study.report import report_stem
+from gapclip.study.runner import STOP_AFTER
 
 logger = logging.get_logger("gapclip.study")
 
@@ -47,6 +51,13 @@ SMOKE = {
                                "batch_size": 16},
     },
 }
+
+
+def _whole_numbers(text: str, option: str) -> tuple[int, ...]:
+    values = _floats(str(text), option)
+    if any(value != int(value) or value < 1 for value in values):
+        raise ValueError(f"--{option} must be comma-separated whole numbers >= 1, got {text!r}.")
+    return tuple(int(value) for value in values)
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -72,8 +83,17 @@ class StudyArguments:
     image_size: int = field(default=48, metadata={"help": "Demo images, demo pretraining and from-scratch models."})
     pretrained_learning_rates: str = field(default="3e-5,1e-4,3e-4", metadata={"help": "Stage-1 grid, pretrained."})
     scratch_learning_rates: str = field(default="3e-4,1e-3,3e-3", metadata={"help": "Stage-1 grid, from scratch."})
-    pretrained_epochs: int = field(default=2, metadata={"help": "Schedule length (best epoch kept), pretrained."})
-    scratch_epochs: int = field(default=5, metadata={"help": "Schedule length (best epoch kept), from scratch."})
+    pretrained_epochs: str = field(
+        default="1,2,4", metadata={"help": "Stage-0 grid of schedule lengths (epochs), pretrained; one value fixes it."}
+    )
+    scratch_epochs: str = field(
+        default="5,10", metadata={"help": "Stage-0 grid of schedule lengths (epochs), from scratch; one value fixes it"}
+    )
+    stop_after: str | None = field(
+        default=None,
+        metadata={"help": "Stop after a selection stage: epochs | learning_rate | weights (no test results); "
+                          "default: run everything."},
+    )
     weight_factors: str = field(default="0.1,1,10", metadata={"help": "Stage 2 tries paper weight × each factor."})
     max_grid_extensions: int = field(
         default=2, metadata={"help": "A grid whose best value is at an end grows one step that way, this many times."}
@@ -93,6 +113,8 @@ class StudyArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
 
     def __post_init__(self):
+        if self.stop_after not in STOP_AFTER:
+            raise ValueError(f"--stop_after must be one of {[s for s in STOP_AFTER if s]}, got {self.stop_after!r}.")
         if self.regime not in (*REGIMES, "both"):
             raise ValueError(f"--regime must be pretrained, scratch or both, got {self.regime!r}.")
         families = FAMILIES if self.families == "all" else tuple(f.strip() for f in self.families.split(","))
@@ -109,7 +131,9 @@ class StudyArguments:
                 "pretrained": _floats(self.pretrained_learning_rates, "pretrained_learning_rates"),
                 "scratch": _floats(self.scratch_learning_rates, "scratch_learning_rates"),
             },
-            epochs={"pretrained": self.pretrained_epochs, "scratch": self.scratch_epochs},
+            epochs={"pretrained": _whole_numbers(self.pretrained_epochs, "pretrained_epochs"),
+                    "scratch": _whole_numbers(self.scratch_epochs, "scratch_epochs")},
+            stop_after=self.stop_after,
             weight_factors=_floats(self.weight_factors, "weight_factors"),
             max_grid_extensions=self.max_grid_extensions,
             batch_size=self.per_device_train_batch_size, scratch_width=self.scratch_width,
@@ -134,10 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
     if study_args.dry_run:
         return study.plan()
     results = study.run()
-    print((study.output_dir / "study.md").read_text(), flush=True)  # the recipe's result, for the person who ran it
+    stem = report_stem(study)
+    print((study.output_dir / f"{stem}.md").read_text(), flush=True)  # the recipe's result, for the person who ran it
     out = study.output_dir.resolve()
     print(format_summary(f"Study finished: {out}", [
-        ("tables", f"{out / 'study.md'}, {out / 'study.json'}"),
+        ("tables", f"{out / (stem + '.md')}, {out / (stem + '.json')}"),
         ("runs", f"{out / 'runs'} (a rerun reuses them)"),
     ]), flush=True)
     return results

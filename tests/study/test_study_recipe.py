@@ -93,6 +93,20 @@ def test_a_rerun_trains_nothing_and_gives_the_same_study(smoke_study, monkeypatc
     printed = capsys.readouterr().out
     assert f"Study finished: {out.resolve()}" in printed and f"{out.resolve() / 'study.md'}" in printed
 
+    # --stop_after: the selections so far, in their own report; the finished study's report is left as it was
+    before = (out / "study.md").read_text()
+    partial = _study_recipe().main(["--smoke", "--output_dir", str(out), "--disable_tqdm", "true",
+                                    "--stop_after", "learning_rate"])
+    assert (out / "study.md").read_text() == before
+    saved = json.loads((out / "selection-learning-rate.json").read_text())
+    for regime in ("pretrained", "scratch"):
+        section = saved["regimes"][regime]
+        assert section["methods"] == {} and section["stopped_after"] == "learning_rate"
+        assert section["selection"]["learning_rate"] == results["regimes"][regime]["selection"]["learning_rate"]
+        assert section["selection"]["epochs"] == results["regimes"][regime]["selection"]["epochs"]
+        assert partial["regimes"][regime]["plan"]["to_do"] == 0
+    assert "Stopped after the `learning_rate` selection" in (out / "selection-learning-rate.md").read_text()
+
 
 @pytest.mark.slow
 def test_study_on_a_karpathy_json_without_translations_skips_gst(tiny_demo_root, tmp_path):

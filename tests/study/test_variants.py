@@ -81,10 +81,16 @@ def test_run_counts_and_which_runs_are_shared_with_the_selection_stages(tmp_path
                       "+L_dim (shifted, ours)", "+L_dim (literal Eq. 6)", "+L_inter (sparse)", "+L_intra (sparse)",
                       "+CSA", "+USA"]
     assert not any(study.is_stage_run(v, 1) for v in variants)
-    # Planned on an empty cache: 2 bases × 3 learning rates + 8 sweeps × 3 weights + (12 main rows × 3 seeds +
-    # 8 single rows) - 10 runs shared with stages 1-2
+    # Planned on an empty cache: 2 bases × 3 schedule lengths + 2 bases × 3 learning rates (the middle one at the
+    # provisional length is stage 0's run) + 8 sweeps × 3 weights + (12 main rows × 3 seeds + 8 single rows) - 10 runs
+    # shared with stages 1-2
     context = SimpleNamespace(key="k", regime="pretrained")
-    assert study.count_runs("pretrained", everything, context, tmp_path) == (6 + 24 + 36 + 8 - 10,) * 2
+    total, missing = study.count_runs("pretrained", everything, context, tmp_path)
+    assert total == len(missing) == 6 + 4 + 24 + 36 + 8 - 10
+    fixed = MethodStudy(StudySettings(seeds=3, max_grid_extensions=0, epochs={"pretrained": 2, "scratch": 5}),
+                        data_args=None, output_dir=tmp_path)
+    assert fixed.settings.epochs == {"pretrained": (2,), "scratch": (5,)}
+    assert fixed.count_runs("pretrained", everything, context, tmp_path)[0] == 6 + 24 + 36 + 8 - 10  # no stage 0
     without_gst = study.available_variants({"teacher"})
     assert not any(v.needs & {"translation"} for v in without_gst)
     only_dias = MethodStudy(StudySettings(families=("DIAS",)), data_args=None, output_dir="unused")
@@ -117,10 +123,73 @@ def test_a_grid_whose_best_value_is_at_an_end_grows_that_way():
     assert low[0] == {"d": 0.5}  # best at the bottom: 2 → 1 → 0.5
 
 
+def _scored_fetch(score):
+    asked = []
+
+    def fetch(specs):
+        asked.append(list(specs))
+        return [{"validation": {"rsum": score(spec)}, "best_epoch": spec.epochs} for spec in specs]
+
+    return fetch, asked
+
+
+def test_stage_0_selects_each_base_loss_schedule_length_and_every_later_run_uses_it(tmp_path):
+    settings = StudySettings(regimes=("pretrained",), seeds=2, max_grid_extensions=1,
+                             learning_rates={"pretrained": (1e-4, 3e-4, 9e-4), "scratch": (1e-3,)},
+                             epochs={"pretrained": (1, 2, 4), "scratch": (5,)})
+    study = MethodStudy(settings, data_args=None, output_dir=tmp_path)
+    # InfoNCE is best at 2 epochs (inside the grid); triplet's best, 4, is at the end: 8 is tried and is worse.
+    # The learning rate scores peak at 3e-4 (inside its grid): no extension there.
+    preferred = {"infonce": 2, "triplet": 4}
+
+    def score(spec):
+        return 100.0 - abs(spec.epochs - preferred[spec.base]) - 1e4 * abs(spec.learning_rate - 3e-4)
+
+    fetch, asked = _scored_fetch(score)
+    outcome = study._stages("pretrained", {"translation", "teacher"}, fetch)
+    assert outcome["epochs"] == {"infonce": 2, "triplet": 4}
+    stage_0 = [(s.base, s.epochs, s.learning_rate) for s in asked[0]]
+    assert stage_0 == [(b, e, 3e-4) for b in ("infonce", "triplet") for e in (1, 2, 4)]  # at the middle lr
+    assert [(s.base, s.epochs) for s in asked[1]] == [("triplet", 8)]
+    selection = outcome["selection"]["epochs"]
+    assert selection["triplet"]["validation_rsum"] == {"1": 97.0, "2": 98.0, "4": 100.0, "8": 96.0}
+    assert selection["triplet"]["selected"] == 4 and selection["infonce"]["grid"] == [1, 2, 4]
+    later = [spec for batch in asked[2:] for spec in batch]
+    assert later and all(spec.epochs == outcome["epochs"][spec.base] for spec in later)
+    assert outcome["learning_rate"] == {"infonce": 3e-4, "triplet": 3e-4}
+    assert {spec.seed for spec in later} == {0, 1}  # stage 3 ran
+
+
+@pytest.mark.parametrize("stop_after,done", [("epochs", 1), ("learning_rate", 2), ("weights", 3)])
+def test_stop_after_ends_the_study_after_that_selection(tmp_path, stop_after, done):
+    settings = StudySettings(regimes=("pretrained",), max_grid_extensions=0, stop_after=stop_after)
+    study = MethodStudy(settings, data_args=None, output_dir=tmp_path)
+    fetch, asked = _scored_fetch(lambda spec: float(spec.epochs))
+    outcome = study._stages("pretrained", {"translation", "teacher"}, fetch)
+    assert len(asked) == done and not outcome["runs"]
+    assert bool(outcome["learning_rate"]) == (done >= 2) and bool(outcome["weights"]) == (done >= 3)
+
+
+def test_a_whole_number_grid_never_grows_below_one():
+    study = MethodStudy(StudySettings(max_grid_extensions=2), data_args=None, output_dir="unused")
+    asked = []
+
+    def fetch(specs):
+        asked.append([s.epochs for s in specs])
+        return [{"validation": {"rsum": -s.epochs}} for s in specs]
+
+    selected, _ = study._select({"a": (1, 2)}, lambda group, e: SimpleNamespace(epochs=e), fetch, whole=True)
+    assert selected == {"a": 1} and asked == [[1, 2]]  # 1 × 1/2 rounds to 1: already tried, nothing added
+    up, grid = study._select({"a": (3, 5)}, lambda group, e: SimpleNamespace(epochs=e),
+                             lambda specs: [{"validation": {"rsum": s.epochs}} for s in specs], whole=True)
+    assert up == {"a": 13} and sorted(grid["a"]) == [3, 5, 8, 13]  # 5 × 5/3 = 8.3 → 8, then 8 × 8/5 = 12.8 → 13
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"regimes": ("finetune",)}, "regimes"), ({"families": ("CLIP",)}, "families"), ({"seeds": 0}, "seeds"),
      ({"weight_factors": (0.0,)}, "weight_factors"), ({"epochs": {"pretrained": 0, "scratch": 1}}, "epochs"),
+     ({"epochs": {"pretrained": (1, 2.5), "scratch": 1}}, "epochs"), ({"stop_after": "test"}, "stop_after"),
      ({"max_grid_extensions": -1}, "max_grid_extensions")],
 )
 def test_bad_settings_name_the_option(kwargs, match):

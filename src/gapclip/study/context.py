@@ -171,10 +171,12 @@ def build_context(study: Any, regime: str, datasets: dict[str, Any], teachers: A
     )
 
 
-def seconds_per_run(context: RunContext, epochs: int) -> float:
-    """A run's expected wall time, from one timed training step (collation included) and one timed evaluation."""
-    if "seconds_per_run" in context.extra:
-        return context.extra["seconds_per_run"]
+def run_time_model(context: RunContext) -> tuple[float, float]:
+    """A run's expected wall time as ``(seconds per epoch, seconds per run)``: an epoch is its training steps and a
+    validation pass, a run adds the test pass; from one timed training step (collation included) and one timed
+    evaluation."""
+    if "run_time_model" in context.extra:
+        return context.extra["run_time_model"]
     from ..data import CaptionPairs, GapClipCollator
     from .runs import _new_model
 
@@ -201,6 +203,6 @@ def seconds_per_run(context: RunContext, epochs: int) -> float:
     evaluate_split(model, sample, context.processor, batch_size=context.eval_batch_size)
     per_image = (time.perf_counter() - start) / len(sample)
     steps = len(context.train) // context.batch_size
-    seconds = epochs * (steps * step + per_image * len(context.validation)) + per_image * len(context.test) + 2.0
-    context.extra["seconds_per_run"] = seconds
-    return seconds
+    timing = (steps * step + per_image * len(context.validation), per_image * len(context.test) + 2.0)
+    context.extra["run_time_model"] = timing
+    return timing

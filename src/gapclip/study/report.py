@@ -40,6 +40,7 @@ def summarise_regime(
         entry: dict[str, Any] = {
             "family": variant.family, "base": variant.base, "sampler": variant.sampler, "main_table": variant.main,
             "terms": variant.gap_terms(outcome["weights"]), "learning_rate": outcome["learning_rate"][variant.base],
+            "epochs": outcome["epochs"][variant.base],
             "seeds": {
                 str(seed): {**{m: r["test"][m] for m in METRICS}, "best_epoch": r["best_epoch"]}
                 for seed, r in finished.items()
@@ -76,7 +77,9 @@ def summarise_regime(
         methods[variant.name] = entry
     return {
         "start": context.extra.get("start"),
-        "epochs": int(study.settings.epochs[regime]),
+        "epoch_grid": list(study.settings.epochs[regime]),
+        "epochs": outcome["epochs"],
+        "stopped_after": study.settings.stop_after,
         "learning_rate_grid": list(study.settings.learning_rates[regime]),
         "weight_factors": list(study.settings.weight_factors),
         "selection": outcome["selection"],
@@ -99,8 +102,16 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def report_stem(study: Any) -> str:
+    """``study``, or ``selection-<stage>`` for a study stopped after a selection stage (so that a partial run never
+    overwrites the report of a finished one in the same folder)."""
+    stop = study.settings.stop_after
+    return "study" if stop is None else f"selection-{stop.replace('_', '-')}"
+
+
 def write_reports(study: Any, results: dict[str, Any], started: float) -> None:
-    """Write ``study.json`` and ``study.md`` into the study's output folder (called after every regime)."""
+    """Write ``study.json`` and ``study.md`` (see :func:`report_stem`) into the study's output folder (called after
+    every regime)."""
     results["settings"] = {
         "regimes": list(study.settings.regimes), "seeds": study.settings.seeds,
         "families": list(study.settings.families), "batch_size": study.settings.batch_size,
@@ -112,8 +123,9 @@ def write_reports(study: Any, results: dict[str, Any], started: float) -> None:
     results["machine"] = _machine()
     results["wall_seconds"] = round(time.time() - started, 1)
     out = Path(study.output_dir)
-    (out / "study.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "study.md").write_text(render_markdown(results))
+    stem = report_stem(study)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / f"{stem}.md").write_text(render_markdown(results))
 
 
 def _cell(mean: float, std: float, n: int, decimals: int) -> str:
@@ -169,12 +181,23 @@ def render_markdown(results: dict[str, Any]) -> str:
     for regime, section in results["regimes"].items():
         lines += ["", f"## Regime: {regime}", ""]
         lines.append(
-            f"Each run: cosine schedule of {section['epochs']} epoch(s), the epoch with the best validation RSUM kept. "
-            f"{section['run_count']} runs, {section['run_seconds'] / 60:.1f} min of run time summed over them "
+            f"Each run: a cosine schedule of its base loss's selected length, the epoch with the best validation RSUM "
+            f"kept. {section['run_count']} runs, {section['run_seconds'] / 60:.1f} min of run time summed over them "
             f"({section['wall_seconds'] / 60:.1f} min wall in this invocation)."
         )
-        lines += ["", "Learning rate (stage 1, validation RSUM of each grid value, seed 0; † a value added because the "
-                  "best one was at the end of the grid):", ""]
+        if section.get("stopped_after"):
+            lines.append(f"Stopped after the `{section['stopped_after']}` selection (`--stop_after`): no test results.")
+        lines += ["", "Schedule length (stage 0, validation RSUM of each length at the middle learning rate, seed 0; "
+                  "best epoch in parentheses; † a length added because the best one was at the end of the grid):", ""]
+        for base, sel in section["selection"].get("epochs", {}).items():
+            grid = ", ".join(
+                f"{e}{'' if int(e) in sel['grid'] else '†'}: {_fmt(v)} ({sel['best_epoch'][e]})"
+                for e, v in sel["validation_rsum"].items()
+            )
+            lines.append(f"- {base} (lr {sel['learning_rate']:g}): {grid} → **{sel['selected']} epochs**")
+        if section["selection"]["learning_rate"]:
+            lines += ["", "Learning rate (stage 1, validation RSUM of each grid value at the selected length, seed 0; "
+                      "† a value added because the best one was at the end of the grid):", ""]
         for base, sel in section["selection"]["learning_rate"].items():
             grid = ", ".join(
                 f"{lr}{'' if float(lr) in sel['grid'] else '†'}: {_fmt(v)}" for lr, v in sel["validation_rsum"].items()
@@ -192,6 +215,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                     f"- {name}: {grid} → **{sel['selected']:g}** (its baseline: {_fmt(sel['baseline_validation_rsum'])})"
                 )
         methods = section["methods"]
+        if not methods:
+            continue
         main = [name for name, entry in methods.items() if entry["main_table"]]
         single = [name for name, entry in methods.items() if not entry["main_table"]]
         lines += ["", f"### Main table: test split, mean ± std over seeds", ""] + _table(methods, main)

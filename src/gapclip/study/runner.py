@@ -2,18 +2,26 @@
 
 For each regime (``pretrained``: fine-tune a pretrained dual encoder; ``scratch``: train a small CLIP from scratch):
 
-1. **Baselines.** For each base loss (InfoNCE; triplet with distance-weighted negatives, summed), train at every
-   learning rate of the grid (seed 0) and keep the one with the best *validation* RSUM. Every run, in every stage,
-   also picks its number of epochs on validation (the best epoch under a cosine schedule of ``epochs`` epochs).
+0. **Schedule length.** For each base loss (InfoNCE; triplet with distance-weighted negatives, summed), train at
+   every schedule length of the regime's ``epochs`` grid (seed 0, at the middle learning rate of the grid) and keep
+   the length with the best *validation* RSUM. Within every run, in every stage, the epoch with the best validation
+   RSUM is the model kept (early stopping under a cosine schedule of that length); stage 0 chooses the length of the
+   schedule itself, which early stopping cannot (a run whose best epoch is its last may want a longer one).
+1. **Baselines.** For each base loss, at its selected schedule length, train at every learning rate of the grid
+   (seed 0) and keep the one with the best validation RSUM.
 2. **Weight sweeps.** For each term (alone, on its family's base loss at that base's selected learning rate, seed
    0), train at ``paper weight × factor`` for every factor and keep the weight with the best validation RSUM.
 3. **Variants.** Every row of :func:`~gapclip.study.variants.default_variants` at the selected settings: the main
    table (baselines, each term alone, each full method) over ``seeds`` seeds, the other variants on one seed.
    Runs identical to a stage-1/2 run (same settings, seed 0) are that run, not a rerun.
 
-Only stage 3's test-split numbers are reported as results; the test split never enters a selection. Every run is
-cached on disk under ``output_dir/runs/<regime>/`` by a key of everything it depends on, so an interrupted study
-resumes where it stopped and a finished run is never redone.
+Each term inherits its base loss's schedule length and learning rate (tuned once, on the baseline: a method is
+never given a longer search than its baseline). Stages 0 and 1 are one pass of a coordinate search: the length is
+chosen at the middle learning rate, the learning rate at that length (the two interact — a small learning rate may
+want a longer schedule — so a length is the best one *at that rate*). Only stage 3's test-split numbers are reported
+as results; the test split never enters a selection. Every run is cached on disk under ``output_dir/runs/<regime>/``
+by a key of everything it depends on, so an interrupted study resumes where it stopped and a finished run is never
+redone.
 """
 
 from __future__ import annotations
@@ -37,10 +45,12 @@ from .variants import BASELINES, SWEEPS, Variant, default_variants
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["FAMILIES", "REGIMES", "MethodStudy", "StudySettings"]
+__all__ = ["FAMILIES", "REGIMES", "STOP_AFTER", "MethodStudy", "StudySettings"]
 
 REGIMES = ("pretrained", "scratch")
 FAMILIES = ("LG-MGC", "DIAS", "CUSA")
+#: ``StudySettings.stop_after``: run the study up to (and including) that selection stage; None: everything.
+STOP_AFTER = (None, "epochs", "learning_rate", "weights")
 
 
 @dataclass
@@ -52,10 +62,11 @@ class StudySettings:
         seeds: seeds of the main table (the other variants run on the first seed).
         families: method families to study (with the baselines of their base losses).
         learning_rates: per regime, the learning-rate grid of stage 1.
-        epochs: per regime, the length of the cosine schedule; each run keeps its best epoch on validation.
+        epochs: per regime, the schedule lengths (epochs of the cosine schedule) stage 0 chooses from; one value fixes
+            the length (no stage 0). Each run keeps its best epoch on validation.
         weight_factors: stage 2 tries ``paper weight × factor`` for each factor.
-        max_grid_extensions: a learning-rate or weight grid whose best value is at an end grows by one more step
-            that way, at most this many times.
+        max_grid_extensions: a schedule-length, learning-rate or weight grid whose best value is at an end grows by
+            one more step that way, at most this many times.
         model_name_or_path: the pretrained start; default the demo CLIP of ``recipes/pretrain_demo.py`` (made on
             first use, at ``image_size``).
         image_size: image size of the demo data, of the demo pretraining and of a from-scratch model.
@@ -68,7 +79,7 @@ class StudySettings:
     learning_rates: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {"pretrained": (3e-5, 1e-4, 3e-4), "scratch": (3e-4, 1e-3, 3e-3)}
     )
-    epochs: dict[str, int] = field(default_factory=lambda: {"pretrained": 2, "scratch": 5})
+    epochs: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"pretrained": (1, 2, 4), "scratch": (5, 10)})
     weight_factors: tuple[float, ...] = (0.1, 1.0, 10.0)
     max_grid_extensions: int = 2
     batch_size: int = 64
@@ -81,6 +92,7 @@ class StudySettings:
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
     bootstrap_resamples: int = 2000
     device: str = "auto"
+    stop_after: str | None = None
 
     def __post_init__(self):
         if not self.regimes or any(regime not in REGIMES for regime in self.regimes):
@@ -93,14 +105,20 @@ class StudySettings:
             if not self.learning_rates.get(regime) or any(not lr > 0 for lr in self.learning_rates[regime]):
                 raise ValueError(f"learning_rates[{regime!r}] must list positive numbers, got "
                                  f"{self.learning_rates.get(regime)!r}.")
-            if int(self.epochs.get(regime, 0)) < 1:
-                raise ValueError(f"epochs[{regime!r}] must be >= 1, got {self.epochs.get(regime)!r}.")
+            grid = self.epochs.get(regime)
+            grid = (grid,) if isinstance(grid, int) else tuple(grid or ())
+            if not grid or any(isinstance(e, bool) or int(e) != e or e < 1 for e in grid):
+                raise ValueError(f"epochs[{regime!r}] must list whole numbers of epochs >= 1, got "
+                                 f"{self.epochs.get(regime)!r}.")
+            self.epochs = {**self.epochs, regime: tuple(sorted(int(e) for e in grid))}
         if self.max_grid_extensions < 0:
             raise ValueError(f"max_grid_extensions must be >= 0, got {self.max_grid_extensions}.")
         if not self.weight_factors or any(not f > 0 for f in self.weight_factors):
             raise ValueError(f"weight_factors must list positive numbers, got {self.weight_factors!r}.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.stop_after not in STOP_AFTER:
+            raise ValueError(f"stop_after must be one of {list(STOP_AFTER)}, got {self.stop_after!r}.")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available here.")
 
@@ -165,18 +183,40 @@ class MethodStudy:
     def _stages(
         self, regime: str, available: set[str], fetch: Callable[[list[RunSpec]], list[dict]]
     ) -> dict[str, Any]:
-        """Stages 1-3; ``fetch(specs) -> records`` trains (or reads back) a stage's independent runs at once.
-        Returns the selections and every variant's runs."""
+        """Stages 0-3 (up to ``stop_after``); ``fetch(specs) -> records`` trains (or reads back) a stage's independent
+        runs at once. Returns the selections and every variant's runs."""
         settings = self.settings
-        epochs = int(settings.epochs[regime])
-        selection: dict[str, Any] = {"learning_rate": {}, "weights": {}}
-
-        # 1. learning rate of each base loss
+        selection: dict[str, Any] = {"epochs": {}, "learning_rate": {}, "weights": {}}
+        outcome: dict[str, Any] = {"selection": selection, "runs": {}, "weights": {}, "learning_rate": {}}
         bases = self.needed_bases(available)
+
+        # 0. schedule length of each base loss, at the middle learning rate of the grid
+        epoch_grid = settings.epochs[regime]
+        probe_lr = middle(settings.learning_rates[regime])
+        epochs, grids = self._select(
+            {base: epoch_grid for base in bases},
+            lambda base, length: RunSpec.make(
+                f"{regime}: {base} baseline, {length:g} epochs, lr={probe_lr:g}", base, [],
+                learning_rate=probe_lr, epochs=int(length), seed=0,
+            ),
+            fetch, whole=True,
+        )
+        epochs = {base: int(length) for base, length in epochs.items()}
+        for base in bases:
+            selection["epochs"][base] = {
+                "selected": epochs[base], "grid": list(epoch_grid), "learning_rate": probe_lr,
+                "validation_rsum": {str(int(e)): _val(r) for e, r in sorted(grids[base].items())},
+                "best_epoch": {str(int(e)): r.get("best_epoch") for e, r in sorted(grids[base].items())},
+            }
+        outcome["epochs"] = epochs
+        if settings.stop_after == "epochs":
+            return outcome
+
+        # 1. learning rate of each base loss, at its schedule length
         learning_rate, grids = self._select(
             {base: settings.learning_rates[regime] for base in bases},
             lambda base, lr: RunSpec.make(
-                f"{regime}: {base} baseline, lr={lr:g}", base, [], learning_rate=lr, epochs=epochs, seed=0
+                f"{regime}: {base} baseline, lr={lr:g}", base, [], learning_rate=lr, epochs=epochs[base], seed=0
             ),
             fetch,
         )
@@ -186,6 +226,9 @@ class MethodStudy:
                 "validation_rsum": {f"{lr:g}": _val(r) for lr, r in sorted(grids[base].items())},
                 "best_epoch": {f"{lr:g}": r.get("best_epoch") for lr, r in sorted(grids[base].items())},
             }
+        outcome["learning_rate"] = learning_rate
+        if settings.stop_after == "learning_rate":
+            return outcome
 
         # 2. weight of each term, alone on its base loss
         sweeps = self.needed_sweeps(available)
@@ -193,7 +236,7 @@ class MethodStudy:
             {name: tuple(SWEEPS[name].paper_weight * f for f in settings.weight_factors) for name in sweeps},
             lambda name, weight: RunSpec.make(
                 f"{regime}: sweep {name} weight={weight:g}", SWEEPS[name].base, [SWEEPS[name].spec(weight)],
-                learning_rate=learning_rate[SWEEPS[name].base], epochs=epochs, seed=0,
+                learning_rate=learning_rate[SWEEPS[name].base], epochs=epochs[SWEEPS[name].base], seed=0,
             ),
             fetch,
         )
@@ -205,29 +248,31 @@ class MethodStudy:
                 "baseline_validation_rsum": selection["learning_rate"][sweep.base]["validation_rsum"][
                     f"{learning_rate[sweep.base]:g}"],
             }
+        outcome["weights"] = weights
+        if settings.stop_after == "weights":
+            return outcome
 
         # 3. every variant at the selected settings
         cells = [(v, seed) for v in self.available_variants(available) for seed in self.seeds_of(v)]
         records = fetch([
             RunSpec.make(
                 f"{regime}: {v.name}, seed {seed}", v.base, v.gap_terms(weights),
-                learning_rate=learning_rate[v.base], epochs=epochs, seed=seed, sampler=v.sampler,
+                learning_rate=learning_rate[v.base], epochs=epochs[v.base], seed=seed, sampler=v.sampler,
             )
             for v, seed in cells
         ])
-        runs: dict[str, dict[int, dict]] = {}
         for (variant, seed), record in zip(cells, records):
-            runs.setdefault(variant.name, {})[seed] = record
-        return {"selection": selection, "runs": runs, "weights": weights, "learning_rate": learning_rate}
+            outcome["runs"].setdefault(variant.name, {})[seed] = record
+        return outcome
 
     def _select(
         self, grids: dict[str, tuple[float, ...]], make_spec: Callable[[str, float], RunSpec],
-        fetch: Callable[[list[RunSpec]], list[dict]],
+        fetch: Callable[[list[RunSpec]], list[dict]], *, whole: bool = False,
     ) -> tuple[dict[str, float], dict[str, dict[float, dict]]]:
         """The value of each grid with the best validation RSUM. A grid whose best value is at one of its ends is
-        extended by one more step in that direction (the ratio of its two outermost values there), up to
-        ``max_grid_extensions`` times, so that a selection is not an artefact of where the grid stopped. All grids'
-        runs of a round are fetched together."""
+        extended by one more step in that direction (the ratio of its two outermost values there; ``whole``: rounded
+        to a whole number, at least 1), up to ``max_grid_extensions`` times, so that a selection is not an artefact of
+        where the grid stopped. All grids' runs of a round are fetched together."""
         records: dict[str, dict[float, dict]] = {group: {} for group in grids}
         extensions = dict.fromkeys(grids, 0)
         pending = {group: sorted(values) for group, values in grids.items()}
@@ -241,11 +286,15 @@ class MethodStudy:
                 if len(ordered) < 2 or extensions[group] >= self.settings.max_grid_extensions:
                     continue
                 if best == ordered[-1]:
-                    pending[group] = [float(f"{best * ordered[-1] / ordered[-2]:.12g}")]
+                    step = best * ordered[-1] / ordered[-2]
                 elif best == ordered[0]:
-                    pending[group] = [float(f"{best * ordered[0] / ordered[1]:.12g}")]
+                    step = best * ordered[0] / ordered[1]
                 else:
                     continue
+                step = float(max(1, round(step))) if whole else float(f"{step:.12g}")
+                if step in grid:  # a whole-number grid that cannot grow further that way (e.g. below 1 epoch)
+                    continue
+                pending[group] = [step]
                 extensions[group] += 1
         return {group: _argmax(grid) for group, grid in records.items()}, records
 
@@ -260,8 +309,9 @@ class MethodStudy:
         for regime in self.settings.regimes:
             context = build_context(self, regime, datasets, teachers)
             folder = self.output_dir / "runs" / regime
-            total, todo = self.count_runs(regime, available, context, folder)
-            estimate = self._estimate(context, todo)
+            total, missing = self.count_runs(regime, available, context, folder)
+            todo = len(missing)
+            estimate = self._estimate(context, missing)
             logger.warning(
                 f"Study, {regime} regime: {total} runs ({total - todo} already done); about {estimate / 60:.0f} min "
                 "for the rest on this machine (from a timed training step and evaluation; terms add up to ~30 %)."
@@ -299,12 +349,14 @@ class MethodStudy:
             write_reports(self, results, started)
         return results
 
-    def count_runs(self, regime: str, available: set[str], context: RunContext, folder: Path) -> tuple[int, int]:
-        """(runs of the regime, runs not on disk yet), walking the stages over the cache. A missing run stands in
-        with validation RSUM 0, so selections that depend on it (and the grid extensions they cause) are provisional
-        until it has run: the counts are then estimates."""
+    def count_runs(
+        self, regime: str, available: set[str], context: RunContext, folder: Path
+    ) -> tuple[int, list[RunSpec]]:
+        """(number of runs of the regime, the runs not on disk yet), walking the stages over the cache. A missing run
+        stands in with validation RSUM 0, so selections that depend on it (and the grid extensions and schedule
+        lengths they cause) are provisional until it has run: the counts are then estimates."""
         seen: set[str] = set()
-        missing: set[str] = set()
+        missing: dict[str, RunSpec] = {}
 
         def fetch(specs: list[RunSpec]) -> list[dict]:
             records = []
@@ -313,17 +365,18 @@ class MethodStudy:
                 seen.add(key)
                 record = load_run(folder, key)
                 if record is None:
-                    missing.add(key)
+                    missing[key] = spec
                     record = {"validation": {"rsum": 0.0}, "best_epoch": None}
                 records.append(record)
             return records
 
         self._stages(regime, available, fetch)
-        return len(seen), len(missing)
+        return len(seen), list(missing.values())
 
-    def _estimate(self, context: RunContext, todo: int) -> float:
-        """Seconds for ``todo`` runs: one run timed at a worker's thread count, divided over the workers."""
-        from .context import seconds_per_run
+    def _estimate(self, context: RunContext, todo: list[RunSpec]) -> float:
+        """Seconds for the runs ``todo``: a training step and an evaluation timed at a worker's thread count, each
+        run's epochs added up, divided over the workers."""
+        from .context import run_time_model
 
         if not todo:
             return 0.0
@@ -331,10 +384,17 @@ class MethodStudy:
         if self.workers > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.workers))
         try:
-            per_run = seconds_per_run(context, int(self.settings.epochs[context.regime]))
+            per_epoch, per_run = run_time_model(context)
         finally:
             torch.set_num_threads(threads)
-        return todo * per_run / min(self.workers, todo)
+        total = sum(spec.epochs * per_epoch + per_run for spec in todo)
+        return total / min(self.workers, len(todo))
+
+
+def middle(grid: tuple[float, ...]) -> float:
+    """The middle value of a grid (the lower of the two middle ones for an even count)."""
+    ordered = sorted(grid)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _val(record: dict | None) -> float | None:
