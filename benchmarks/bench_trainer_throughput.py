@@ -117,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     mode, device = args.mode, args.device
     batch_size = C.SHAPES[mode]["batch"]
     # Many pairs of short runs: the load of a shared machine drifts over seconds, so pairs close in time compare best.
-    # At 12 steps × 10 pairs the pairs' ratios spread ±5–10 % and the median moved by ~5 % between quiet reruns;
-    # 40 steps (a steadier median step per run) × 16 pairs narrows the median's bootstrap interval to about ±1 %.
+    # At 12 steps × 10 pairs the pairs' ratios spread ±5–10 % and the median moved by ~5 % between quiet reruns.
+    # 40 steps × 16 pairs (~6 min on 2 quiet cores) did not tighten it: the median's 95 % bootstrap interval, now
+    # printed, was still about ±8 % — the run-to-run noise of whole train() runs on a shared CPU, not the step count.
     steps = {"full": 60, "quick": 40, "smoke": 3}[mode]
     repeats = args.repeats or {"full": 30, "quick": 16, "smoke": 1}[mode]
     full = C.make_batch(mode, batch_size * steps, device="cpu")
