@@ -80,3 +80,34 @@ def test_run_all_combines(tmp_path, monkeypatch):
     assert set(combined["benchmarks"]) == set(SCRIPTS.values())
     assert (tmp_path / "benchmarks.md").read_text().count("| 1.5 |") == len(SCRIPTS)
     assert json.loads((tmp_path / "benchmarks.json").read_text())["benchmarks"]["scaling"]["value"] == 1.5
+
+
+def test_trainer_throughput_interleaves_the_two_trainers_step_by_step(tmp_path, monkeypatch):
+    """The per-step ratios pair each gapclip step with the reference step just before it: the steps of the two
+    trainers must strictly alternate (reference first), and both must train every step."""
+    bench = _load("bench_trainer_throughput")
+    order = []
+
+    class FakeTrainer:
+        def __init__(self, kind, callback, steps):
+            self.kind, self.callback, self.steps = kind, callback, steps
+
+        def train(self):
+            for _ in range(self.steps):
+                self.callback.on_step_begin(None, None, None)
+                order.append(self.kind)
+                self.callback.on_step_end(None, None, None)
+
+    steps = {"hf": 6, "gap": 4}  # one finishes first: the other must not wait for its turn forever
+    times = bench.interleaved_steps(lambda kind, callback: FakeTrainer(kind, callback, steps[kind]), ("hf", "gap"))
+    assert order == ["hf", "gap"] * 4 + ["hf", "hf"]
+    assert [len(times["hf"]), len(times["gap"])] == [6, 4] and all(t >= 0 for t in times["hf"] + times["gap"])
+
+    class Failing(FakeTrainer):
+        def train(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):  # an error in the other thread reaches the caller
+        bench.interleaved_steps(
+            lambda kind, callback: (Failing if kind == "gap" else FakeTrainer)(kind, callback, 3), ("hf", "gap")
+        )
