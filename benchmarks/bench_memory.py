@@ -206,10 +206,18 @@ def largest_within(sizes: Sequence[int], peaks: Sequence[float], budget: float) 
     return f"≥ {fitting[-1]} (all measured)" if fitting[-1] == sizes[-1] else str(fitting[-1])
 
 
+def timing_rounds(size: int, sizes: Sequence[int], repeats: int, most: int = 16) -> int:
+    """Timed rounds at batch ``size``: ``repeats`` at the largest size, more for smaller ones (``repeats × largest /
+    size``, at most ``most``). A step of ~0.1 s is noisier than one of seconds, and the cached step's ratio at the
+    smallest size read 1.24× and 1.41× in two quiet runs of 2 rounds each."""
+    return max(repeats, min(most, repeats * max(sizes) // size))
+
+
 def run_part(part: str, variants: Sequence[str], sizes: Sequence[int], base: dict[str, Any], repeats: int) -> dict:
     """Every variant at every size, the variants interleaved: one subprocess per size (at --smoke one for all sizes,
     since starting an interpreter with torch costs more than the smoke steps)."""
-    tasks = [{**base, "part": part, "variants": list(variants), "batch": size, "repeats": repeats} for size in sizes]
+    tasks = [{**base, "part": part, "variants": list(variants), "batch": size,
+              "repeats": timing_rounds(size, sizes, repeats)} for size in sizes]
     groups = [tasks] if base["mode"] == "smoke" else [[task] for task in tasks]
     results: dict[int, dict[str, dict]] = {}
     for group in groups:
@@ -314,8 +322,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     load_text = "n/a" if load is None else ", ".join(f"{value:.2f}" for value in load)
     shape = (f"{s['num_layers']} layers, width {s['hidden_size']}, {s['image_size']} px / patch {s['patch_size']}, "
              f"{C.SEQ_LEN} tokens; InfoNCE; forward + backward, no optimizer; peak memory above the process before "
-             f"the step (one subprocess), median step time over {repeats} rounds (another subprocess, allocator "
-             f"defaults); load average {load_text}")
+             f"the step (one subprocess), median step time over "
+             f"{', '.join(str(timing_rounds(size, sizes, repeats)) for size in sizes)} rounds at B = "
+             f"{', '.join(map(str, sizes))} (another subprocess, allocator defaults); load average {load_text}")
     objective_text = (f"process 0 of W = B/{per_process} processes: objective (InfoNCE + CSA + GST + DIAS inter/intra "
                       f"dense) on stand-in gathered embeddings of width {OBJECTIVE_DIM[mode]}, forward + backward")
     sections = [

@@ -36,8 +36,12 @@ import _common as C  # noqa: E402
 NAME = "trainer_throughput"
 
 
-def step_timer():
-    """A TrainerCallback that records the wall time of every optimizer step."""
+def step_timer(before=None, after=None):
+    """A TrainerCallback that records the wall time of every optimizer step.
+
+    ``before`` / ``after`` run just outside the timed span (the interleaved measurement waits for its turn and hands
+    it over there, so the waiting is never timed).
+    """
     import time
 
     from transformers import TrainerCallback
@@ -48,10 +52,14 @@ def step_timer():
             self._start = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if before is not None:
+                before()
             self._start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.durations.append(time.perf_counter() - self._start)
+            if after is not None:
+                after()
 
     return StepTimer()
 
@@ -120,25 +128,9 @@ class _Turns:
 
 def interleaved_steps(make_trainer, kinds: tuple[str, str]) -> dict[str, list[float]]:
     """Step times of two trainers whose steps alternate in one process (``make_trainer(kind, callback)``)."""
-    import time
-
-    from transformers import TrainerCallback
-
     turns = _Turns(list(kinds))
-
-    class TakeTurns(TrainerCallback):
-        def __init__(self, who):
-            self.who, self.durations, self._start = who, [], 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            turns.wait(self.who)
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.durations.append(time.perf_counter() - self._start)
-            turns.hand_over(self.who)
-
-    callbacks = {kind: TakeTurns(kind) for kind in kinds}
+    callbacks = {kind: step_timer(before=lambda who=kind: turns.wait(who), after=lambda who=kind: turns.hand_over(who))
+                 for kind in kinds}
     trainers = {kind: make_trainer(kind, callbacks[kind]) for kind in kinds}
     errors: list[BaseException] = []
 
@@ -182,13 +174,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
     mode, device = args.mode, args.device
     batch_size = C.SHAPES[mode]["batch"]
-    # Many pairs of short runs: the load of a shared machine drifts over seconds, so pairs close in time compare best.
-    # At 12 steps × 10 pairs the pairs' ratios spread ±5–10 % and the median moved by ~5 % between quiet reruns.
-    # 40 steps × 16 pairs (~6 min on 2 quiet cores) did not tighten it: the median's 95 % bootstrap interval, now
-    # printed, was still about ±8 % — the run-to-run noise of whole train() runs on a shared CPU, not the step count.
+    # Whole train() runs of a shared CPU scatter by several per cent from one another (at 40 steps × 16 pairs the
+    # median's 95 % bootstrap interval was still about ±8 %), so they are kept for context only, in a few pairs; the
+    # target is read from the interleaved steps. At 300 interleaved steps the median's interval was ±1.1–1.9 % on a
+    # quiet machine; its width falls as 1/√steps, so 1200 (--quick) aim at ±1 %.
     steps = {"full": 60, "quick": 40, "smoke": 3}[mode]
-    interleaved_count = {"full": 600, "quick": 300, "smoke": 4}[mode]
-    repeats = args.repeats or {"full": 30, "quick": 16, "smoke": 1}[mode]
+    interleaved_count = {"full": 2400, "quick": 1200, "smoke": 4}[mode]
+    repeats = args.repeats or {"full": 8, "quick": 4, "smoke": 1}[mode]
     full = C.make_batch(mode, batch_size * steps, device="cpu")
     plain_data = TensorDataset({k: full[k] for k in ("input_ids", "attention_mask", "pixel_values")})
     term_data = TensorDataset({k: full[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_index",

@@ -33,9 +33,8 @@ from transformers.utils import logging
 from gapclip.argument_checks import check_model_path
 from gapclip.cli import DataArguments
 from gapclip.console import format_summary, run_recipe
-from gapclip.study import FAMILIES, REGIMES, MethodStudy, StudySettings
+from gapclip.study import FAMILIES, REGIMES, STOP_AFTER, MethodStudy, StudySettings
 from gapclip.study.report import report_stem
-from gapclip.study.runner import STOP_AFTER
 
 logger = logging.get_logger("gapclip.study")
 
@@ -76,6 +75,11 @@ class StudyArguments:
     regime: str = field(default="both", metadata={"help": "pretrained | scratch | both"})
     seeds: int = field(default=3, metadata={"help": "Seeds of the main table (other variants: the first seed)."})
     families: str = field(default="all", metadata={"help": f"all, or a comma-separated subset of {list(FAMILIES)}."})
+    variants: str | None = field(
+        default=None,
+        metadata={"help": "Only these rows, separated by ';' (names as in study.md, e.g. '+CSA;+L_intra (sparse)'), "
+                          "with their baselines; overrides --families."},
+    )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Pretrained start (default: the demo CLIP of recipes/pretrain_demo.py)."}
     )
@@ -134,6 +138,7 @@ class StudyArguments:
             epochs={"pretrained": _whole_numbers(self.pretrained_epochs, "pretrained_epochs"),
                     "scratch": _whole_numbers(self.scratch_epochs, "scratch_epochs")},
             stop_after=self.stop_after,
+            variant_names=tuple(name.strip() for name in (self.variants or "").split(";") if name.strip()),
             weight_factors=_floats(self.weight_factors, "weight_factors"),
             max_grid_extensions=self.max_grid_extensions,
             batch_size=self.per_device_train_batch_size, scratch_width=self.scratch_width,

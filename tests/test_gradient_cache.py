@@ -10,10 +10,11 @@ from typing import ClassVar
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gapclip import GapClipConfig, GapClipModel
 from gapclip.cli import GapClipTrainingArguments
-from gapclip.gradient_cache import RandomState, gradient_cached_forward, split_inputs
+from gapclip.gradient_cache import RandomState, gradient_cached_forward, objective_and_gradients, split_inputs
 from gapclip.losses import TERM_REGISTRY, GapBatch, GapTerm, TermInput, register_term
 from gapclip.testing import tiny_clip_config
 from tests.multiprocess.test_custom_term_two_process import unregister  # noqa: F401  (fixture)
@@ -36,8 +37,17 @@ SPECS = {
         "gap_terms": [{"name": "dias_dim", "weight": 10.0}, {"name": "dias_inter", "weight": 0.05},
                       {"name": "dias_intra", "weight": 0.1, "options": {"beta_init": -0.3}}],
     },
+    "dias-dense": {
+        "base_loss": "triplet",
+        "gap_terms": [{"name": "dias_inter", "weight": 0.05, "options": {"sparse": False}},
+                      {"name": "dias_intra", "weight": 0.1, "options": {"sparse": False}}],
+    },
     "label_supcon": {"term_modules": ["examples/custom_term.py"], "gap_terms": [{"name": "label_supcon"}]},
 }
+#: The objectives whose every loss computes the share of any block of rows alone (``row_block_shares``): the cached
+#: step computes them a chunk of rows at a time. The others (gathers, sums or draws across the batch) at once.
+ROW_BLOCKS = {"infonce", "sigmoid", "triplet-hardest", "triplet-sum", "gst-infonce", "gst-kl", "gst-l2", "gst-skip",
+              "dias-dense"}
 
 
 def _step(model, batch, chunk_size=None, **kwargs):
@@ -67,6 +77,90 @@ def test_cached_step_has_the_uncached_gradients(name, local_loss, unregister):  
     reference = _step(make_model(spec), make_batch(spec))
     assert len(reference[1]) > 0
     _assert_same(_step(make_model(spec), make_batch(spec), chunk_size=3), reference)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("local_loss", [False, True], ids=["global", "local"])
+def test_objective_is_computed_a_chunk_of_rows_at_a_time_where_every_loss_allows(
+    name, local_loss, unregister  # noqa: F811
+):
+    """Chunks of 3: the objective's losses see the query rows 0–3, 3–6, 6–8 in turn where every loss computes a
+    block's share alone, else the whole batch once (the global form's ``None``, or all 8 rows in the local form)."""
+    spec = {**SPECS[name], "local_loss": local_loss}
+    model, seen = make_model(spec), []
+    loss_shares = model.loss_shares
+
+    def recording(batch):
+        seen.append(batch.local_rows)
+        return loss_shares(batch)
+
+    model.loss_shares = recording
+    gradient_cached_forward(model, make_batch(spec), 3).loss.backward()
+    whole = slice(0, 8) if local_loss else None
+    assert model.computes_row_blocks == (name in ROW_BLOCKS)
+    assert seen == ([slice(0, 3), slice(3, 6), slice(6, 8)] if name in ROW_BLOCKS else [whole])
+
+
+class _LargestOutput(TorchDispatchMode):
+    """The most elements any operator's output had while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("spec", [{"gap_terms": []}, {"base_loss": "triplet", "gap_terms": [
+    {"name": "gst", "options": {"distance": "kl"}}, {"name": "dias_intra", "options": {"sparse": False}}]}],
+    ids=["infonce", "triplet+gst+dias_intra-dense"])
+def test_blockwise_objective_never_holds_a_batch_by_batch_matrix(spec):
+    """B = 96 encoded rows of width D = 16, blocks of 4: no tensor of the objective or its gradients has B² (9216)
+    elements, only blocks of 4 × B (and the B × D encodings); the whole objective's does."""
+    model = make_model(spec)
+    generator = torch.Generator().manual_seed(0)
+    n, width = 96, model.backbone.config.projection_dim
+
+    def unit():
+        return torch.nn.functional.normalize(torch.randn(n, width, generator=generator, dtype=torch.float64), dim=-1)
+
+    encodings = {"image_embeds": unit(), "text_embeds": unit(), "term_extras": {}}
+    if "gst" in str(spec):
+        encodings["term_extras"] = {"translation_embeds": unit(), "has_translation": torch.ones(n, dtype=torch.bool)}
+    leaves = [encodings["image_embeds"].requires_grad_(), encodings["text_embeds"].requires_grad_()]
+    largest = {}
+    for block_size in (4, n):
+        with _LargestOutput() as mode:
+            loss, _, grads = objective_and_gradients(model, encodings, None, leaves, block_size=block_size)
+        largest[block_size] = mode.largest
+        if block_size == 4:
+            blockwise = (loss, grads)
+    assert largest[4] <= max(n * width, 4 * n) < n * n
+    assert largest[n] >= n * n
+    reference = objective_and_gradients(model, encodings, None, leaves, block_size=n)
+    torch.testing.assert_close(blockwise[0], reference[0])
+    for got, expected in zip(blockwise[1], reference[2]):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("chunk_size,encodes", [(3, 6), (8, 1), (100, 1)])
+def test_a_batch_of_one_chunk_is_encoded_once(chunk_size, encodes, monkeypatch):
+    """Chunks of 3: each of the 3 chunks is encoded without a graph, then re-run in backward (6 passes); a batch that
+    fits one chunk keeps its graph (1 pass) and has the uncached gradients all the same."""
+    import gapclip.gradient_cache as gradient_cache
+
+    spec = {"gap_terms": [{"name": "gst"}]}
+    reference = _step(make_model(spec), make_batch(spec))
+    calls = []
+    encode = gradient_cache._encode
+    monkeypatch.setattr(gradient_cache, "_encode", lambda *args: calls.append(1) or encode(*args))
+    _assert_same(_step(make_model(spec), make_batch(spec), chunk_size=chunk_size), reference)
+    assert len(calls) == encodes
 
 
 @pytest.mark.parametrize("chunk_size", [1, 8, 100])

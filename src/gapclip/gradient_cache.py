@@ -14,7 +14,10 @@ parameters the objective uses itself: the logit scale, a term's β, projectors, 
    the objective's own parameter gradients are added, and the gradients averaged over processes when asked.
 
 Peak memory: one chunk's activations + the batch's encodings + the objective; time: one more forward pass of the
-encoders. The gradient equals the uncached step's (up to float rounding); dropout draws its masks chunk by chunk,
+encoders (none for a batch of one chunk, which keeps its graph: caching it would save nothing). Where every loss computes the share of any block of rows alone (``row_block_shares``: InfoNCE, sigmoid,
+triplet without distance-weighted sampling, GST, dense L_inter/L_intra), step 2 too goes a chunk of query rows at a
+time (:func:`objective_and_gradients`), so the objective holds ``chunk × B`` matrices, not ``B × B``, and the peak
+stays flat in the batch size up to the ``B × D`` encodings. The gradient equals the uncached step's (up to float rounding); dropout draws its masks chunk by chunk,
 which is the same distribution, not the same numbers, as one pass over the whole batch.
 
 References: Gao, Zhang, Han, Callan, *Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup*,
@@ -30,6 +33,8 @@ step (``GapClipTrainer`` passes ``accelerator.sync_gradients``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -37,7 +42,7 @@ import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 from transformers.utils import logging
 
-from .distributed import average_gradients
+from .distributed import all_reduce_sum, average_gradients, distributed_info
 
 logger = logging.get_logger(__name__)
 
@@ -100,54 +105,144 @@ def gradient_cached_forward(
     device_type = inputs["pixel_values"].device.type
     autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
 
-    # 1. Encodings, chunk by chunk, without a graph; each chunk's random state is kept for its re-run.
-    states, encodings = [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            states.append(RandomState(chunk["pixel_values"], chunk["input_ids"]))
-            encodings.append(_encode(model, chunk, with_local))
+    # 1. Encodings, chunk by chunk, without a graph; each chunk's random state is kept for its re-run. A batch of one
+    #    chunk saves no memory by caching: it keeps its graph and is back-propagated without a second forward pass.
+    states, encodings, kept = [], [], None
+    if len(chunks) == 1:
+        kept = _encode(model, chunks[0], with_local)
+        encodings.append(_detached(kept))
+    else:
+        with torch.no_grad():
+            for chunk in chunks:
+                states.append(RandomState(chunk["pixel_values"], chunk["input_ids"]))
+                encodings.append(_encode(model, chunk, with_local))
     merged = _merge(encodings, model.unshared_extras)
 
     # 2. The objective on leaf copies of the encodings, and its gradients (nothing accumulated into .grad yet).
     leaves = {path: tensor.detach().requires_grad_() for path, tensor in _float_tensors(merged)}
     leaf_encodings = _replace(merged, leaves)
-    with torch.enable_grad():
-        loss, loss_terms = model.loss_from_encodings(
-            **{field: leaf_encodings[field] for field in ENCODING_FIELDS}, image_index=inputs.get("image_index")
-        )
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    with torch.enable_grad():
+        loss, loss_terms, grads = objective_and_gradients(
+            model, {field: leaf_encodings[field] for field in ENCODING_FIELDS}, inputs.get("image_index"),
+            [*leaves.values(), *parameters], block_size=chunk_size,
+        )
     outputs = _output(merged, loss, loss_terms)
-    if not loss.requires_grad:
+    if grads is None:
         return outputs
-    grads = torch.autograd.grad(loss, [*leaves.values(), *parameters], allow_unused=True)
     cached = dict(zip(leaves, grads[: len(leaves)]))
 
     # 3. The returned loss: backward re-embeds every chunk and back-propagates its rows' cached gradients.
     replay = _ChunkReplay(
         model, chunks, states, with_local, cached, list(zip(parameters, grads[len(leaves) :])), autocast,
-        device_type, model.unshared_extras, sync_gradients,
+        device_type, model.unshared_extras, sync_gradients, kept=kept,
     )
     outputs.loss = loss.detach().requires_grad_()
     outputs.loss.register_hook(replay)
     return outputs
 
 
+def objective_and_gradients(
+    model: Any, encodings: Mapping[str, Any], image_index: torch.Tensor | None, wrt: list[torch.Tensor], *,
+    block_size: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor | None, ...] | None]:
+    """The objective of encoded rows (``loss_from_encodings``' arguments) and its gradients with respect to ``wrt``
+    (``None`` when nothing in it needs one).
+
+    When the base loss and every gap term compute the share of any block of rows from the gathered batch alone
+    (``GapClipModel.computes_row_blocks``), the objective is computed ``block_size`` query rows at a time: each
+    block's share (its rows against the whole batch, divided by the whole batch's normaliser; see ``GapBatch``) is
+    differentiated and freed before the next, so the objective holds ``block_size × B`` matrices instead of
+    ``B × B``. The shares add up to the objective, so the value and the gradients are the whole objective's (up to
+    float rounding). Otherwise (LSC, L_dim, CUSA, the sparse DIAS mask, distance-weighted triplets: they gather or
+    sum across the batch, or draw per call) the whole objective is computed at once.
+    """
+    batch = model.global_batch(**encodings, image_index=image_index)
+    query_rows = range(batch.rows.start, batch.rows.stop)
+    # Decided on the global batch size, the same on every process: all of them take the same collectives.
+    if not model.computes_row_blocks or block_size >= batch.batch_size:
+        loss, loss_terms = model.compute_loss(batch)
+        if not loss.requires_grad:
+            return loss, loss_terms, None
+        return loss, loss_terms, torch.autograd.grad(loss, wrt, allow_unused=True)
+
+    # The gathered batch's tensors as leaves: the blocks' gradients collect on them, and go back through the gather
+    # (and the logit scale's exp) once, after the last block.
+    fields = {field.name: getattr(batch, field.name) for field in dataclasses.fields(batch)}
+    gathered = {path: tensor for path, tensor in _float_tensors(fields) if tensor.requires_grad}
+    batch_leaves = {path: tensor.detach().requires_grad_() for path, tensor in gathered.items()}
+    leaf_batch = type(batch)(**_replace(fields, batch_leaves))
+    # Each block is differentiated with respect to the batch's leaves and the losses' own parameters only (the
+    # objective reads nothing else; asking for every model parameter at every block costs more than the block).
+    own = [parameter for loss in (model.base_loss, *model.gap_terms.values()) for parameter in loss.parameters()
+           if any(parameter is tensor for tensor in wrt)]
+    targets = [*batch_leaves.values(), *own]
+    sums: dict[str, torch.Tensor] = {}
+    totals: list[torch.Tensor | None] = [None] * len(targets)
+    for start in query_rows[::block_size]:
+        block = dataclasses.replace(leaf_batch, local_rows=slice(start, min(start + block_size, query_rows.stop)))
+        shares = model.loss_shares(block)
+        for name, share in shares.items():
+            sums[name] = share.detach() if name not in sums else sums[name] + share.detach()
+        total = model.weighted_total(shares)
+        if total.requires_grad:
+            block_grads = torch.autograd.grad(total, targets, allow_unused=True)
+            totals = [_add(old, new) for old, new in zip(totals, block_grads)]
+    world_size = distributed_info()[1]
+    if batch.is_local and world_size > 1:
+        # The local form: the shares of every process add up to the objective (one all-reduce of the values); the
+        # gradient is world_size × this process' share's, which the processes' gradient average turns into the
+        # objective's (see gapclip.distributed).
+        dtype = functools.reduce(torch.promote_types, [value.dtype for value in sums.values()], torch.float32)
+        values = all_reduce_sum(torch.stack([value.to(dtype) for value in sums.values()]))
+        sums = {name: value.to(sums[name].dtype) for name, value in zip(sums, values)}
+        totals = [None if grad is None else world_size * grad for grad in totals]
+    loss_terms = sums
+    loss = model.weighted_total(loss_terms)
+    if all(grad is None for grad in totals):
+        return loss, loss_terms, None
+    batch_grads, own_grads = totals[: len(batch_leaves)], totals[len(batch_leaves) :]
+    wrt_grads: list[torch.Tensor | None] = [None] * len(wrt)
+    for parameter, grad in zip(own, own_grads):
+        index = next(i for i, tensor in enumerate(wrt) if tensor is parameter)
+        wrt_grads[index] = grad
+    reached = [(tensor, grad) for tensor, grad in zip(gathered.values(), batch_grads) if grad is not None]
+    if reached:
+        through = torch.autograd.grad(
+            [tensor for tensor, _ in reached], wrt, [grad for _, grad in reached], allow_unused=True
+        )
+        wrt_grads = [_add(old, new) for old, new in zip(wrt_grads, through)]
+    return loss, loss_terms, tuple(wrt_grads)
+
+
+def _add(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:
+    if grad is None:
+        return total
+    return grad if total is None else total + grad
+
+
 class _ChunkReplay:
     """The backward hook of a gradient-cached loss (see :func:`gradient_cached_forward`, step 3)."""
 
     def __init__(self, model, chunks, states, with_local, cached, parameter_grads, autocast, device_type, not_per_row,
-                 sync_gradients):
+                 sync_gradients, kept=None):
         self.model, self.chunks, self.states, self.with_local = model, chunks, states, with_local
+        self.kept = kept  # the encoding of a one-chunk batch, with its graph (nothing to re-run)
         self.cached, self.parameter_grads, self.not_per_row = cached, parameter_grads, not_per_row
         self.autocast, self.device_type, self.sync_gradients = autocast, device_type, sync_gradients
 
     def __call__(self, grad_output: torch.Tensor) -> None:
         start = 0
         enabled, dtype = self.autocast
-        for index, (chunk, state) in enumerate(zip(self.chunks, self.states)):
+        for index, chunk in enumerate(self.chunks):
             rows = chunk["input_ids"].shape[0]
-            with torch.enable_grad(), state.replay(), torch.autocast(self.device_type, dtype=dtype, enabled=enabled):
-                encoding = _encode(self.model, chunk, self.with_local)
+            if self.kept is not None:
+                encoding, self.kept = self.kept, None
+            else:
+                with torch.enable_grad(), self.states[index].replay(), torch.autocast(
+                    self.device_type, dtype=dtype, enabled=enabled
+                ):
+                    encoding = _encode(self.model, chunk, self.with_local)
             tensors, grads = [], []
             for path, tensor in _float_tensors(encoding):
                 grad = self.cached.get(path)
@@ -214,6 +309,12 @@ def _merge(encodings: list[dict[str, Any]], not_per_row: set[str]) -> dict[str, 
     return {field: merge([encoding[field] for encoding in encodings], (field,)) for field in ENCODING_FIELDS}
 
 
+def _detached(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _detached(item) for key, item in value.items()}
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
 def _is_per_row(path: Path, not_per_row: set[str]) -> bool:
     return not (len(path) > 1 and path[0] == "term_extras" and path[1] in not_per_row)
 
@@ -243,4 +344,4 @@ def _output(merged: Mapping[str, Any], loss: torch.Tensor, loss_terms: Mapping[s
     )
 
 
-__all__ = ["RandomState", "gradient_cached_forward", "split_inputs"]
+__all__ = ["RandomState", "gradient_cached_forward", "objective_and_gradients", "split_inputs"]

@@ -387,16 +387,54 @@ class GapClipModel(GapClipPreTrainedModel):
         """
         if batch.is_local:
             self.check_local_loss_support()
+        loss_terms = self.loss_shares(batch)
+        if batch.is_local:
+            loss_terms = _global_values(loss_terms)
+        return self.weighted_total(loss_terms), loss_terms
+
+    def loss_shares(self, batch: GapBatch) -> dict[str, torch.Tensor]:
+        """Every loss's unweighted value on ``batch`` by name (``"base"`` and each term): in the local form the share
+        of ``batch.rows``, not yet summed over processes (:meth:`compute_loss` does that)."""
         loss_terms = {"base": self.base_loss(batch)}
         for name, term in self.gap_terms.items():
             loss_terms[name] = term(batch)
-        if batch.is_local:
-            loss_terms = _global_values(loss_terms)
+        return loss_terms
+
+    def weighted_total(self, loss_terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Base loss + Σ weight·term of unweighted values by name (as :meth:`loss_shares` returns them)."""
         weights = self.config.term_weights
         total = loss_terms["base"]
         for name in self.gap_terms:
             total = total + weights[name] * loss_terms[name]
-        return total, loss_terms
+        return total
+
+    @property
+    def computes_row_blocks(self) -> bool:
+        """Whether the base loss and every gap term compute their share of any block of rows from the gathered batch
+        alone (``row_block_shares``), so that the objective can be computed a block of rows at a time
+        (:func:`gapclip.gradient_cache.gradient_cached_forward`)."""
+        losses = [self.base_loss, *self.gap_terms.values()]
+        return all(getattr(loss, "row_block_shares", False) for loss in losses)
+
+    def global_batch(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        *,
+        patch_embeds: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        token_embeds: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        term_extras: Mapping[str, Any] | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> GapBatch:
+        """The :class:`GapBatch` :meth:`loss_from_encodings` computes the objective on (gathered over processes, with
+        the model's current logit scale and bias)."""
+        logit_scale, logit_bias = self.logit_scale_and_bias()
+        return self._global_batch(
+            image_embeds, text_embeds, logit_scale, logit_bias, image_index, patch_embeds, patch_mask, token_embeds,
+            token_mask, dict(term_extras or {}),
+        )
 
 
 def _global_values(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -98,6 +98,30 @@ def test_run_counts_and_which_runs_are_shared_with_the_selection_stages(tmp_path
     assert only_dias.needed_sweeps(everything) == ["dias_dim", "dias_dim_literal", "dias_inter", "dias_intra"]
 
 
+def test_named_variants_run_alone_with_the_baselines_of_their_base_losses(tmp_path):
+    """--variants: only the named rows, their baselines, and the sweeps of their terms; with one-value grids (a
+    fixed length and learning rate, one weight) it is a rerun of those rows alone."""
+    settings = StudySettings(regimes=("pretrained",), seeds=3, variant_names=("+CSA", "+L_intra (sparse)"),
+                             learning_rates={"pretrained": (1e-4,), "scratch": (1e-3,)},
+                             epochs={"pretrained": 16, "scratch": 5}, weight_factors=(1.0, 10.0),
+                             max_grid_extensions=0)
+    study = MethodStudy(settings, data_args=None, output_dir=tmp_path)
+    everything = {"translation", "teacher"}
+    assert [v.name for v in study.available_variants(everything)] == [
+        "InfoNCE baseline", "Triplet baseline", "+L_intra (sparse)", "+CSA"]
+    assert study.needed_sweeps(everything) == ["dias_intra", "csa"]
+    fetch, asked = _scored_fetch(lambda spec: 100.0 + sum(weight for _, weight, _ in spec.gap_terms))
+    outcome = study._stages("pretrained", everything, fetch)
+    # stages 0 and 1 ask for the same run per base (one length, one rate: trained once, read back once); stage 2:
+    # 2 weights × 2 terms; stage 3: 4 rows × 3 seeds
+    assert [len(batch) for batch in asked] == [2, 2, 4, 12]
+    assert [(s.base, s.epochs, s.learning_rate, s.seed) for s in asked[0]] == [
+        (s.base, s.epochs, s.learning_rate, s.seed) for s in asked[1]]
+    assert outcome["weights"] == {"dias_intra": 1.0, "csa": 1.0}  # paper weight (0.1) × 10 scored higher
+    assert all(spec.epochs == 16 and spec.learning_rate == 1e-4 for batch in asked for spec in batch)
+    assert set(outcome["runs"]) == {"InfoNCE baseline", "Triplet baseline", "+L_intra (sparse)", "+CSA"}
+
+
 def test_a_grid_whose_best_value_is_at_an_end_grows_that_way():
     study = MethodStudy(StudySettings(max_grid_extensions=2), data_args=None, output_dir="unused")
     scores = {1e-4: 10.0, 3e-4: 12.0, 9e-4: 14.0, 2.7e-3: 15.0, 8.1e-3: 11.0, 0.5: 1.0, 5.0: 2.0, 50.0: 3.0,
@@ -190,7 +214,7 @@ def test_a_whole_number_grid_never_grows_below_one():
     [({"regimes": ("finetune",)}, "regimes"), ({"families": ("CLIP",)}, "families"), ({"seeds": 0}, "seeds"),
      ({"weight_factors": (0.0,)}, "weight_factors"), ({"epochs": {"pretrained": 0, "scratch": 1}}, "epochs"),
      ({"epochs": {"pretrained": (1, 2.5), "scratch": 1}}, "epochs"), ({"stop_after": "test"}, "stop_after"),
-     ({"max_grid_extensions": -1}, "max_grid_extensions")],
+     ({"max_grid_extensions": -1}, "max_grid_extensions"), ({"variant_names": ("+CSB",)}, "variant_names")],
 )
 def test_bad_settings_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):

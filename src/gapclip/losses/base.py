@@ -220,7 +220,9 @@ class GapTerm(nn.Module):
     are this process' rows only (see :class:`GapBatch`). What needs more than the rows (a column statistic, a sum over
     the batch) is gathered or summed by the term itself (:func:`gapclip.distributed.gather_features`,
     :func:`~gapclip.distributed.all_reduce_with_grad`). A term without it makes ``local_loss`` a ``ValueError`` that
-    names it.
+    names it. A term whose share of *any* block of rows reads nothing but the gathered batch (no collective, no state
+    that changes between calls) also sets ``row_block_shares = True``: gradient caching then computes the objective
+    a block of rows at a time (memory ``chunk × B`` instead of ``B × B``).
     """
 
     name: ClassVar[str]
@@ -228,6 +230,7 @@ class GapTerm(nn.Module):
     inputs: ClassVar[tuple[TermInput, ...]] = ()
     citation: ClassVar[str] = ""
     supports_local_loss: ClassVar[bool] = False
+    row_block_shares: ClassVar[bool] = False
     default_options: ClassVar[dict[str, Any]] = _DefaultOptions()
 
     def __init__(self, embed_dim: int):

@@ -104,6 +104,7 @@ class InfoNCELoss(nn.Module):
     name: ClassVar[str] = "infonce"
     citation: ClassVar[str] = CLIP_CITATION
     supports_local_loss: ClassVar[bool] = True
+    row_block_shares: ClassVar[bool] = True
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         if batch.is_local:
@@ -140,6 +141,7 @@ class SigmoidLoss(nn.Module):
     name: ClassVar[str] = "sigmoid"
     citation: ClassVar[str] = SIGLIP_CITATION
     supports_local_loss: ClassVar[bool] = True
+    row_block_shares: ClassVar[bool] = True
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         if batch.logit_bias is None:
@@ -238,6 +240,12 @@ class TripletLoss(nn.Module):
             self.register_buffer("call_count", torch.zeros((), dtype=torch.long))
         else:
             self.call_count = 0
+
+    @property
+    def row_block_shares(self) -> bool:
+        """Any block of rows is computed from the gathered batch alone, except with distance-weighted sampling: its
+        stream advances at every call, so blocks would draw other negatives than the whole batch."""
+        return self.mining != "distance_weighted"
 
     def forward(self, batch: GapBatch) -> torch.Tensor:
         generator = None

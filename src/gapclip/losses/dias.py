@@ -390,6 +390,12 @@ class _SparseSpatialTerm(GapTerm):
         """The ``[N, N]`` difference matrix, or its ``rows`` ``[b, N]``; ``|d|`` must be symmetric."""
         raise NotImplementedError  # pragma: no cover
 
+    @property
+    def row_block_shares(self) -> bool:
+        """Dense: any block of rows is computed from the gathered batch alone. Sparse: the mask's column statistics
+        are gathered from the processes' row blocks, so a process computes its rows in one block."""
+        return not self.sparse
+
     def forward(self, batch: GapBatch) -> torch.Tensor:
         if batch.is_local:
             return self.compute_loss_from_embeddings(

@@ -286,6 +286,7 @@ class GSTLoss(GapTerm):
     name: ClassVar[str] = "gst"
     citation: ClassVar[str] = LGMGC_CITATION
     supports_local_loss: ClassVar[bool] = True
+    row_block_shares: ClassVar[bool] = True
     inputs: ClassVar[tuple[TermInput, ...]] = (
         TermInput(
             "translation", collate="text",

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from .runner import FAMILIES, REGIMES, MethodStudy, StudySettings
+from .runner import FAMILIES, REGIMES, STOP_AFTER, MethodStudy, StudySettings
 from .variants import SWEEPS, Variant, default_variants
 
-__all__ = ["FAMILIES", "REGIMES", "SWEEPS", "MethodStudy", "StudySettings", "Variant", "default_variants"]
+__all__ = [
+    "FAMILIES", "REGIMES", "STOP_AFTER", "SWEEPS", "MethodStudy", "StudySettings", "Variant", "default_variants",
+]

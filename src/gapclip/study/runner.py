@@ -61,6 +61,9 @@ class StudySettings:
         regimes: ``("pretrained", "scratch")`` or one of them.
         seeds: seeds of the main table (the other variants run on the first seed).
         families: method families to study (with the baselines of their base losses).
+        variant_names: only these rows (names as in the tables, e.g. ``"+CSA"``), with the baselines of their base
+            losses; empty: every row of ``families``. With one-value grids it reruns chosen rows under other settings
+            (e.g. a longer schedule) without the rest of the study.
         learning_rates: per regime, the learning-rate grid of stage 1.
         epochs: per regime, the schedule lengths (epochs of the cosine schedule) stage 0 chooses from; one value fixes
             the length (no stage 0). Each run keeps its best epoch on validation.
@@ -93,6 +96,7 @@ class StudySettings:
     bootstrap_resamples: int = 2000
     device: str = "auto"
     stop_after: str | None = None
+    variant_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.regimes or any(regime not in REGIMES for regime in self.regimes):
@@ -119,6 +123,10 @@ class StudySettings:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         if self.stop_after not in STOP_AFTER:
             raise ValueError(f"stop_after must be one of {list(STOP_AFTER)}, got {self.stop_after!r}.")
+        known = [v.name for v in default_variants()]
+        unknown = [name for name in self.variant_names if name not in known]
+        if unknown:
+            raise ValueError(f"variant_names (--variants): unknown {unknown}; the rows are {known}.")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available here.")
 
@@ -127,8 +135,9 @@ class StudySettings:
         return self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
 
     def variants(self) -> list[Variant]:
-        """The rows of the requested families, and the baselines of the base losses they use."""
-        rows = [v for v in default_variants() if v.family in self.families]
+        """The rows of the requested families (or the named rows), and the baselines of the base losses they use."""
+        named = set(self.variant_names)
+        rows = [v for v in default_variants() if (v.name in named if named else v.family in self.families)]
         bases = {v.base for v in rows}
         return [v for v in default_variants() if v in rows or (v.family == "baseline" and v.base in bases)]
 
