@@ -275,7 +275,15 @@ class GapClipModel(GapClipPreTrainedModel):
             term_extras=extras if return_term_extras else None,
         )
 
-    def loss_from_encodings(
+    def loss_from_encodings(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective of this process' encoded batch: gather over processes, then base loss + Σ weight·term.
+
+        Takes :meth:`global_batch`'s arguments; returns the loss and every unweighted term by name (as
+        ``GapClipOutput.loss``/``loss_terms``).
+        """
+        return self.compute_loss(self.global_batch(*args, **kwargs))
+
+    def global_batch(
         self,
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
@@ -288,21 +296,19 @@ class GapClipModel(GapClipPreTrainedModel):
         image_index: torch.Tensor | None = None,
         logit_scale: torch.Tensor | None = None,
         logit_bias: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The objective of this process' encoded batch: gather over processes, then base loss + Σ weight·term.
+    ) -> GapBatch:
+        """The :class:`GapBatch` the objective is computed on, gathered over processes.
 
         The inputs are what ``forward(..., return_local=True, return_term_extras=True)`` returns (normalised
         embeddings, projected local features and masks, the terms' encoded inputs), for this process' rows;
-        ``logit_scale``/``logit_bias`` default to the model's current ones. Returns the loss and every unweighted
-        term by name (as ``GapClipOutput.loss``/``loss_terms``).
+        ``logit_scale``/``logit_bias`` default to the model's current ones.
         """
         if logit_scale is None:
             logit_scale, logit_bias = self.logit_scale_and_bias()
-        batch = self._global_batch(
+        return self._global_batch(
             image_embeds, text_embeds, logit_scale, logit_bias, image_index, patch_embeds, patch_mask, token_embeds,
             token_mask, dict(term_extras or {}),
         )
-        return self.compute_loss(batch)
 
     def encode_term_inputs(self, term_inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Each term's declared inputs through its ``encode_inputs`` hook (this process' rows, before any gather)."""
@@ -415,26 +421,6 @@ class GapClipModel(GapClipPreTrainedModel):
         (:func:`gapclip.gradient_cache.gradient_cached_forward`)."""
         losses = [self.base_loss, *self.gap_terms.values()]
         return all(getattr(loss, "row_block_shares", False) for loss in losses)
-
-    def global_batch(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        *,
-        patch_embeds: torch.Tensor | None = None,
-        patch_mask: torch.Tensor | None = None,
-        token_embeds: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-        term_extras: Mapping[str, Any] | None = None,
-        image_index: torch.Tensor | None = None,
-    ) -> GapBatch:
-        """The :class:`GapBatch` :meth:`loss_from_encodings` computes the objective on (gathered over processes, with
-        the model's current logit scale and bias)."""
-        logit_scale, logit_bias = self.logit_scale_and_bias()
-        return self._global_batch(
-            image_embeds, text_embeds, logit_scale, logit_bias, image_index, patch_embeds, patch_mask, token_embeds,
-            token_mask, dict(term_extras or {}),
-        )
 
 
 def _global_values(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
