@@ -18,8 +18,9 @@ After DDP's division by ``W`` both would be ``W`` times too small, so each proce
 gather then delivers ``W·∂L/∂e_i``, a direct parameter ``W·∂L_r/∂θ``, and the average over processes is exactly
 ``∂L/∂θ``. open_clip's local mean over the ``b`` local rows is the same ``W·L_r`` when every process has ``B/W``
 rows; dividing by the global ``B`` keeps it exact for uneven batches (the last batch of an epoch) too.
-(:meth:`gapclip.GapClipModel.compute_loss` does the scaling, and reports the global value of every term with one
-:func:`all_reduce_sum` of the detached shares.)
+(:func:`global_values` does the scaling for :meth:`gapclip.GapClipModel.compute_loss` and the gradient cache's
+blockwise objective, and reports the global value of every term with one :func:`all_reduce_sum` of the detached
+shares.)
 """
 
 from __future__ import annotations
@@ -163,6 +164,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone().contiguous()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def global_values(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Local form: each share becomes a value equal to the sum of the shares over processes, whose gradient is that
+    of ``world_size × share`` (one all-reduce, no host sync)."""
+    world_size = distributed_info()[1]
+    if world_size == 1:
+        return shares
+    dtype = torch.promote_types(torch.float32, next(iter(shares.values())).dtype)
+    for value in shares.values():
+        dtype = torch.promote_types(dtype, value.dtype)
+    totals = all_reduce_sum(torch.stack([value.detach().to(dtype) for value in shares.values()]))
+    values = {}
+    for (name, share), total in zip(shares.items(), totals):
+        scaled = world_size * share
+        values[name] = scaled + (total.to(share.dtype) - scaled.detach())
+    return values
 
 
 def average_gradients(parameters) -> None:

@@ -14,11 +14,12 @@ parameters the objective uses itself: the logit scale, a term's β, projectors, 
    the objective's own parameter gradients are added, and the gradients averaged over processes when asked.
 
 Peak memory: one chunk's activations + the batch's encodings + the objective; time: one more forward pass of the
-encoders (none for a batch of one chunk, which keeps its graph: caching it would save nothing). Where every loss computes the share of any block of rows alone (``row_block_shares``: InfoNCE, sigmoid,
-triplet without distance-weighted sampling, GST, dense L_inter/L_intra), step 2 too goes a chunk of query rows at a
-time (:func:`objective_and_gradients`), so the objective holds ``chunk × B`` matrices, not ``B × B``, and the peak
-stays flat in the batch size up to the ``B × D`` encodings. The gradient equals the uncached step's (up to float rounding); dropout draws its masks chunk by chunk,
-which is the same distribution, not the same numbers, as one pass over the whole batch.
+encoders (none for a batch of one chunk, which keeps its graph: caching it would save nothing). Where every loss
+computes the share of any block of rows alone (``row_block_shares``: InfoNCE, sigmoid, triplet without
+distance-weighted sampling, GST, dense L_inter/L_intra), step 2 too goes a chunk of query rows at a time
+(:func:`objective_and_gradients`), so the objective holds ``chunk × B`` matrices, not ``B × B``, and the peak stays
+flat in the batch size up to the ``B × D`` encodings. The gradient equals the uncached step's (up to float
+rounding); dropout draws its masks chunk by chunk, which is the same distribution, not the same numbers, as one pass over the whole batch.
 
 References: Gao, Zhang, Han, Callan, *Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup*,
 RepL4NLP 2021 (arXiv:2101.06983); sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (the same scheme,
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 from transformers.utils import logging
 
-from .distributed import all_reduce_sum, average_gradients, distributed_info
+from .distributed import average_gradients, distributed_info, global_values
 
 logger = logging.get_logger(__name__)
 
@@ -174,8 +174,9 @@ def objective_and_gradients(
     leaf_batch = type(batch)(**_replace(fields, batch_leaves))
     # Each block is differentiated with respect to the batch's leaves and the losses' own parameters only (the
     # objective reads nothing else; asking for every model parameter at every block costs more than the block).
+    position = {id(tensor): index for index, tensor in enumerate(wrt)}
     own = [parameter for loss in (model.base_loss, *model.gap_terms.values()) for parameter in loss.parameters()
-           if any(parameter is tensor for tensor in wrt)]
+           if id(parameter) in position]
     targets = [*batch_leaves.values(), *own]
     sums: dict[str, torch.Tensor] = {}
     totals: list[torch.Tensor | None] = [None] * len(targets)
@@ -193,9 +194,7 @@ def objective_and_gradients(
         # The local form: the shares of every process add up to the objective (one all-reduce of the values); the
         # gradient is world_size × this process' share's, which the processes' gradient average turns into the
         # objective's (see gapclip.distributed).
-        dtype = functools.reduce(torch.promote_types, [value.dtype for value in sums.values()], torch.float32)
-        values = all_reduce_sum(torch.stack([value.to(dtype) for value in sums.values()]))
-        sums = {name: value.to(sums[name].dtype) for name, value in zip(sums, values)}
+        sums = global_values(sums)
         totals = [None if grad is None else world_size * grad for grad in totals]
     loss_terms = sums
     loss = model.weighted_total(loss_terms)
@@ -204,8 +203,7 @@ def objective_and_gradients(
     batch_grads, own_grads = totals[: len(batch_leaves)], totals[len(batch_leaves) :]
     wrt_grads: list[torch.Tensor | None] = [None] * len(wrt)
     for parameter, grad in zip(own, own_grads):
-        index = next(i for i, tensor in enumerate(wrt) if tensor is parameter)
-        wrt_grads[index] = grad
+        wrt_grads[position[id(parameter)]] = grad
     reached = [(tensor, grad) for tensor, grad in zip(gathered.values(), batch_grads) if grad is not None]
     if reached:
         through = torch.autograd.grad(

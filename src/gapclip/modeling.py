@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput, logging
 
 from .backbones import NoLocalFeaturesError, default_word_mask, encode_images, encode_texts, lora_backbone
 from .configuration import GapClipConfig, check_dual_encoder_config
-from .distributed import all_reduce_sum, distributed_info, gather_features, local_row_range
+from .distributed import distributed_info, gather_features, global_values, local_row_range
 from .losses.base import GapBatch, TermInput, build_terms
 from .losses.contrastive import BASE_LOSSES, TripletLoss
 
@@ -395,7 +395,7 @@ class GapClipModel(GapClipPreTrainedModel):
             self.check_local_loss_support()
         loss_terms = self.loss_shares(batch)
         if batch.is_local:
-            loss_terms = _global_values(loss_terms)
+            loss_terms = global_values(loss_terms)
         return self.weighted_total(loss_terms), loss_terms
 
     def loss_shares(self, batch: GapBatch) -> dict[str, torch.Tensor]:
@@ -421,23 +421,6 @@ class GapClipModel(GapClipPreTrainedModel):
         (:func:`gapclip.gradient_cache.gradient_cached_forward`)."""
         losses = [self.base_loss, *self.gap_terms.values()]
         return all(getattr(loss, "row_block_shares", False) for loss in losses)
-
-
-def _global_values(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Local form: each share becomes a value equal to the sum of the shares over processes, whose gradient is that
-    of ``world_size × share`` (one all-reduce, no host sync)."""
-    world_size = distributed_info()[1]
-    if world_size == 1:
-        return shares
-    dtype = torch.promote_types(torch.float32, next(iter(shares.values())).dtype)
-    for value in shares.values():
-        dtype = torch.promote_types(dtype, value.dtype)
-    totals = all_reduce_sum(torch.stack([value.detach().to(dtype) for value in shares.values()]))
-    values = {}
-    for (name, share), total in zip(shares.items(), totals):
-        scaled = world_size * share
-        values[name] = scaled + (total.to(share.dtype) - scaled.detach())
-    return values
 
 
 def _rank_offset(index: torch.Tensor) -> torch.Tensor:
