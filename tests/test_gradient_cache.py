@@ -148,19 +148,34 @@ def test_blockwise_objective_never_holds_a_batch_by_batch_matrix(spec):
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("chunk_size,encodes", [(3, 6), (8, 1), (100, 1)])
-def test_a_batch_of_one_chunk_is_encoded_once(chunk_size, encodes, monkeypatch):
-    """Chunks of 3: each of the 3 chunks is encoded without a graph, then re-run in backward (6 passes); a batch that
-    fits one chunk keeps its graph (1 pass) and has the uncached gradients all the same."""
+@pytest.mark.parametrize("chunk_size,encodes", [(3, 5), (8, 1), (100, 1)])
+def test_the_last_chunk_is_encoded_once(chunk_size, encodes, monkeypatch):
+    """Chunks of 3 (rows 0-3, 3-6, 6-8): the first two are encoded without a graph and re-run in backward, the last
+    keeps its graph and is back-propagated before any re-run builds another (5 passes, not 6); a batch that fits one
+    chunk is encoded once. The gradients are the uncached ones all the same."""
     import gapclip.gradient_cache as gradient_cache
 
     spec = {"gap_terms": [{"name": "gst"}]}
     reference = _step(make_model(spec), make_batch(spec))
-    calls = []
+    events = []
     encode = gradient_cache._encode
-    monkeypatch.setattr(gradient_cache, "_encode", lambda *args: calls.append(1) or encode(*args))
+
+    def recording_encode(model, chunk, with_local):
+        encoding = encode(model, chunk, with_local)
+        rows = chunk["input_ids"].shape[0]
+        events.append(("graph" if torch.is_grad_enabled() else "no graph", rows))
+        if torch.is_grad_enabled() and len(events) == len(split_inputs(make_batch(spec), chunk_size)):
+            encoding["image_embeds"].register_hook(lambda grad: events.append(("backward", rows)))
+        return encoding
+
+    monkeypatch.setattr(gradient_cache, "_encode", recording_encode)
     _assert_same(_step(make_model(spec), make_batch(spec), chunk_size=chunk_size), reference)
-    assert len(calls) == encodes
+    encoded = [event for event in events if event[0] != "backward"]
+    assert len(encoded) == encodes
+    if chunk_size == 3:
+        assert events == [("no graph", 3), ("no graph", 3), ("graph", 2), ("backward", 2), ("graph", 3), ("graph", 3)]
+    else:
+        assert events == [("graph", 8), ("backward", 8)]
 
 
 @pytest.mark.parametrize("chunk_size", [1, 8, 100])

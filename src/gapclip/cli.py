@@ -239,7 +239,8 @@ class GapClipTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Gradient caching (GradCache): embed each per-device batch this many rows at a time, so a large "
-            "batch trains in the activation memory of a chunk with the same gradients (one extra forward pass)."
+            "batch trains in the activation memory of a chunk with the same gradients (one extra forward pass of "
+            "every chunk but the last)."
         },
     )
     overwrite_output_dir: bool = field(

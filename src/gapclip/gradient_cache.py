@@ -7,19 +7,22 @@ such as GST's translation embeddings), so ``dL/dθ = Σ_i ⟨∂L/∂e_i, ∂e_i
 parameters the objective uses itself: the logit scale, a term's β, projectors, temperatures). GradCache:
 
 1. embeds the batch in chunks of ``chunk_size`` rows without building a graph, saving each chunk's random state;
+   the last chunk keeps its graph;
 2. computes the objective on the encodings (as leaf tensors) and its gradients with respect to them and to the
    parameters the objective uses directly;
-3. in ``backward``: re-embeds each chunk with its graph, replaying the chunk's random state (the same dropout masks,
-   LoRA dropout included), and back-propagates the cached ``∂L/∂e_i`` of its rows, one chunk's activations at a time;
-   the objective's own parameter gradients are added, and the gradients averaged over processes when asked.
+3. in ``backward``: back-propagates the cached ``∂L/∂e_i`` of the last chunk's rows through its kept graph, then
+   re-embeds every other chunk with its graph, replaying the chunk's random state (the same dropout masks, LoRA
+   dropout included), and back-propagates its rows' ``∂L/∂e_i``, one chunk's activations at a time; the objective's
+   own parameter gradients are added, and the gradients averaged over processes when asked.
 
 Peak memory: one chunk's activations + the batch's encodings + the objective; time: one more forward pass of the
-encoders (none for a batch of one chunk, which keeps its graph: caching it would save nothing). Where every loss
-computes the share of any block of rows alone (``row_block_shares``: InfoNCE, sigmoid, triplet without
+encoders for every chunk but the last (none for a batch of one chunk: caching it would save nothing). Where every
+loss computes the share of any block of rows alone (``row_block_shares``: InfoNCE, sigmoid, triplet without
 distance-weighted sampling, GST, dense L_inter/L_intra), step 2 too goes a chunk of query rows at a time
 (:func:`objective_and_gradients`), so the objective holds ``chunk × B`` matrices, not ``B × B``, and the peak stays
 flat in the batch size up to the ``B × D`` encodings. The gradient equals the uncached step's (up to float
-rounding); dropout draws its masks chunk by chunk, which is the same distribution, not the same numbers, as one pass over the whole batch.
+rounding); dropout draws its masks chunk by chunk, which is the same distribution, not the same numbers, as one pass
+over the whole batch.
 
 References: Gao, Zhang, Han, Callan, *Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup*,
 RepL4NLP 2021 (arXiv:2101.06983); sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (the same scheme,
@@ -105,17 +108,16 @@ def gradient_cached_forward(
     device_type = inputs["pixel_values"].device.type
     autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
 
-    # 1. Encodings, chunk by chunk, without a graph; each chunk's random state is kept for its re-run. A batch of one
-    #    chunk saves no memory by caching: it keeps its graph and is back-propagated without a second forward pass.
-    states, encodings, kept = [], [], None
-    if len(chunks) == 1:
-        kept = _encode(model, chunks[0], with_local)
-        encodings.append(_detached(kept))
-    else:
-        with torch.no_grad():
-            for chunk in chunks:
-                states.append(RandomState(chunk["pixel_values"], chunk["input_ids"]))
-                encodings.append(_encode(model, chunk, with_local))
+    # 1. Encodings, chunk by chunk, without a graph; each chunk's random state is kept for its re-run. The last chunk
+    #    keeps its graph instead: it is back-propagated first in step 3, so memory still holds one chunk's graph at a
+    #    time, and it needs no second forward pass (a batch of one chunk needs none at all).
+    states, encodings = [], []
+    with torch.no_grad():
+        for chunk in chunks[:-1]:
+            states.append(RandomState(chunk["pixel_values"], chunk["input_ids"]))
+            encodings.append(_encode(model, chunk, with_local))
+    kept = _encode(model, chunks[-1], with_local)
+    encodings.append(_detached(kept))
     merged = _merge(encodings, model.unshared_extras)
 
     # 2. The objective on leaf copies of the encodings, and its gradients (nothing accumulated into .grad yet).
@@ -223,18 +225,22 @@ class _ChunkReplay:
     """The backward hook of a gradient-cached loss (see :func:`gradient_cached_forward`, step 3)."""
 
     def __init__(self, model, chunks, states, with_local, cached, parameter_grads, autocast, device_type, not_per_row,
-                 sync_gradients, kept=None):
+                 sync_gradients, kept):
         self.model, self.chunks, self.states, self.with_local = model, chunks, states, with_local
-        self.kept = kept  # the encoding of a one-chunk batch, with its graph (nothing to re-run)
+        self.kept = kept  # the last chunk's encoding, with its graph (nothing to re-run)
         self.cached, self.parameter_grads, self.not_per_row = cached, parameter_grads, not_per_row
         self.autocast, self.device_type, self.sync_gradients = autocast, device_type, sync_gradients
 
     def __call__(self, grad_output: torch.Tensor) -> None:
-        start = 0
         enabled, dtype = self.autocast
-        for index, chunk in enumerate(self.chunks):
-            rows = chunk["input_ids"].shape[0]
-            if self.kept is not None:
+        starts = [0]
+        for chunk in self.chunks[:-1]:
+            starts.append(starts[-1] + chunk["input_ids"].shape[0])
+        last = len(self.chunks) - 1
+        # The kept last chunk first: its graph is freed before any other chunk's is built.
+        for index in (last, *range(last)):
+            chunk = self.chunks[index]
+            if index == last:
                 encoding, self.kept = self.kept, None
             else:
                 with torch.enable_grad(), self.states[index].replay(), torch.autocast(
@@ -247,14 +253,13 @@ class _ChunkReplay:
                 if grad is None or not tensor.requires_grad:
                     continue
                 if _is_per_row(path, self.not_per_row):
-                    grad = grad[start : start + rows]
+                    grad = grad[starts[index] : starts[index] + chunk["input_ids"].shape[0]]
                 elif index > 0:  # one value for the whole batch: the objective read chunk 0's, back-propagated once
                     continue
                 tensors.append(tensor)
                 grads.append((grad * grad_output).to(tensor.dtype))
             if tensors:
                 torch.autograd.backward(tensors, grads)
-            start += rows
         for parameter, grad in self.parameter_grads:
             if grad is None:
                 continue
