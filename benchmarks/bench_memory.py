@@ -257,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def extra(parser):
         parser.add_argument("--budget_mib", type=float, default=None, help="memory budget of the 'largest batch' rows")
         parser.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: all)")
+        parser.add_argument("--batches", default=None,
+                            help="comma-separated global batch sizes instead of the mode's ladder (at least two)")
 
     args = C.parse_args(__doc__.splitlines()[0], argv, extra=extra)
     import torch
@@ -265,6 +267,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     repeats = args.repeats or {"full": 3, "quick": 2, "smoke": 1}[mode]
     budget = args.budget_mib or BUDGET_MIB[mode]
     sizes, chunk, per_process = BATCHES[mode], CHUNK[mode], PER_PROCESS[mode]
+    if args.batches:
+        try:
+            sizes = tuple(sorted({int(value) for value in args.batches.split(",")}))
+        except ValueError:
+            raise SystemExit(f"--batches takes comma-separated whole numbers, got {args.batches!r}") from None
+        if len(sizes) < 2 or sizes[0] < per_process:
+            raise SystemExit(f"--batches needs at least two sizes, each at least {per_process} (the rows per "
+                             f"process at this shape), got {args.batches!r}")
     base = {"mode": mode, "device": device, "chunk": chunk, "threads": args.threads or torch.get_num_threads(),
             "per_process": per_process, "dim": OBJECTIVE_DIM[mode]}
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
