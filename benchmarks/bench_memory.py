@@ -271,7 +271,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if len(sizes) < 2 or sizes[0] < per_process:
             raise SystemExit(f"--batches needs at least two sizes, each at least {per_process} (the rows per "
                              f"process at this shape), got {args.batches!r}")
-    base = {"mode": mode, "device": device, "chunk": chunk, "threads": args.threads or torch.get_num_threads(),
+    if args.threads:
+        torch.set_num_threads(args.threads)  # what the measuring subprocesses use, and what the header reports
+    base = {"mode": mode, "device": device, "chunk": chunk, "threads": torch.get_num_threads(),
             "per_process": per_process, "dim": OBJECTIVE_DIM[mode]}
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
 

@@ -14,7 +14,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gapclip import GapClipConfig, GapClipModel
 from gapclip.cli import GapClipTrainingArguments
-from gapclip.gradient_cache import RandomState, gradient_cached_forward, objective_and_gradients, split_inputs
+from gapclip.gradient_cache import (
+    RandomState,
+    gradient_cached_forward,
+    objective_and_gradients,
+    objective_block_rows,
+    split_inputs,
+)
 from gapclip.losses import TERM_REGISTRY, GapBatch, GapTerm, TermInput, register_term
 from gapclip.testing import tiny_clip_config
 from tests.multiprocess.test_custom_term_two_process import unregister  # noqa: F401  (fixture)
@@ -76,7 +82,7 @@ def test_cached_step_has_the_uncached_gradients(name, local_loss, unregister):  
     spec = {**SPECS[name], "local_loss": local_loss}
     reference = _step(make_model(spec), make_batch(spec))
     assert len(reference[1]) > 0
-    _assert_same(_step(make_model(spec), make_batch(spec), chunk_size=3), reference)
+    _assert_same(_step(make_model(spec), make_batch(spec), chunk_size=3, block_elements=0), reference)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -84,8 +90,9 @@ def test_cached_step_has_the_uncached_gradients(name, local_loss, unregister):  
 def test_objective_is_computed_a_chunk_of_rows_at_a_time_where_every_loss_allows(
     name, local_loss, unregister  # noqa: F811
 ):
-    """Chunks of 3: the objective's losses see the query rows 0–3, 3–6, 6–8 in turn where every loss computes a
-    block's share alone, else the whole batch once (the global form's ``None``, or all 8 rows in the local form)."""
+    """Chunks of 3, blocks of a chunk (``block_elements=0``): the objective's losses see the query rows 0–3, 3–6,
+    6–8 in turn where every loss computes a block's share alone, else the whole batch once (the global form's
+    ``None``, or all 8 rows in the local form). With the default block size (8 × 8 is far below it): once."""
     spec = {**SPECS[name], "local_loss": local_loss}
     model, seen = make_model(spec), []
     loss_shares = model.loss_shares
@@ -95,10 +102,24 @@ def test_objective_is_computed_a_chunk_of_rows_at_a_time_where_every_loss_allows
         return loss_shares(batch)
 
     model.loss_shares = recording
-    gradient_cached_forward(model, make_batch(spec), 3).loss.backward()
+    gradient_cached_forward(model, make_batch(spec), 3, block_elements=0).loss.backward()
     whole = slice(0, 8) if local_loss else None
     assert model.computes_row_blocks == (name in ROW_BLOCKS)
     assert seen == ([slice(0, 3), slice(3, 6), slice(6, 8)] if name in ROW_BLOCKS else [whole])
+    seen.clear()
+    gradient_cached_forward(model, make_batch(spec), 3).loss.backward()
+    assert seen == [whole]
+
+
+@pytest.mark.parametrize("batch_size,chunk,elements,rows", [
+    (1024, 64, 1 << 18, 256), (4096, 64, 1 << 18, 64), (8192, 64, 1 << 18, 64), (256, 64, 1 << 18, 1024),
+    (96, 4, 0, 4), (96, 4, 96 * 10 + 5, 10),
+])
+def test_objective_blocks_take_more_rows_than_a_chunk_while_they_stay_small(batch_size, chunk, elements, rows):
+    """Rows per block: never fewer than a chunk's, more while rows × B stays within the element bound (so that the
+    bound, not the batch, sets the block's matrices); at least B rows is one block."""
+    assert objective_block_rows(batch_size, chunk, elements) == rows
+    assert rows * batch_size <= max(chunk * batch_size, elements)
 
 
 class _LargestOutput(TorchDispatchMode):
@@ -136,13 +157,17 @@ def test_blockwise_objective_never_holds_a_batch_by_batch_matrix(spec):
     largest = {}
     for block_size in (4, n):
         with _LargestOutput() as mode:
-            loss, _, grads = objective_and_gradients(model, encodings, None, leaves, block_size=block_size)
+            loss, _, grads = objective_and_gradients(
+                model, encodings, None, leaves, block_size=block_size, block_elements=0
+            )
         largest[block_size] = mode.largest
         if block_size == 4:
             blockwise = (loss, grads)
     assert largest[4] <= max(n * width, 4 * n) < n * n
     assert largest[n] >= n * n
-    reference = objective_and_gradients(model, encodings, None, leaves, block_size=n)
+    with _LargestOutput() as mode:  # the default bound makes 96 × 96 one block
+        reference = objective_and_gradients(model, encodings, None, leaves, block_size=4)
+    assert mode.largest >= n * n
     torch.testing.assert_close(blockwise[0], reference[0])
     for got, expected in zip(blockwise[1], reference[2]):
         torch.testing.assert_close(got, expected)

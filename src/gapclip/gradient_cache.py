@@ -18,9 +18,10 @@ parameters the objective uses itself: the logit scale, a term's β, projectors, 
 Peak memory: one chunk's activations + the batch's encodings + the objective; time: one more forward pass of the
 encoders for every chunk but the last (none for a batch of one chunk: caching it would save nothing). Where every
 loss computes the share of any block of rows alone (``row_block_shares``: InfoNCE, sigmoid, triplet without
-distance-weighted sampling, GST, dense L_inter/L_intra), step 2 too goes a chunk of query rows at a time
-(:func:`objective_and_gradients`), so the objective holds ``chunk × B`` matrices, not ``B × B``, and the peak stays
-flat in the batch size up to the ``B × D`` encodings. The gradient equals the uncached step's (up to float
+distance-weighted sampling, GST, dense L_inter/L_intra), step 2 too goes a block of query rows at a time
+(:func:`objective_and_gradients`), so the objective holds ``rows × B`` matrices of at most
+``max(chunk × B, OBJECTIVE_BLOCK_ELEMENTS)`` elements, not ``B × B``, and the peak stays flat in the batch size up
+to the ``B × D`` encodings. The gradient equals the uncached step's (up to float
 rounding); dropout draws its masks chunk by chunk, which is the same distribution, not the same numbers, as one pass
 over the whole batch.
 
@@ -55,6 +56,11 @@ ROW_INPUTS = ("input_ids", "attention_mask", "word_mask", "pixel_values")
 ENCODING_FIELDS = ("image_embeds", "text_embeds", "patch_embeds", "patch_mask", "token_embeds", "token_mask",
                    "term_extras")
 
+#: The elements of a ``rows × B`` matrix of the blockwise objective (2**18: 1 MiB in float32) below which a block takes
+#: more query rows than a chunk: every block is an autograd call of its own, so fewer, larger blocks are faster
+#: (16 blocks of 64 rows took twice the whole objective's time at B = 1024 on CPU), and the bound stays a constant.
+OBJECTIVE_BLOCK_ELEMENTS = 1 << 18
+
 Path = tuple[str, ...]
 
 
@@ -80,6 +86,7 @@ def gradient_cached_forward(
     chunk_size: int,
     *,
     sync_gradients: Callable[[], bool] | None = None,
+    block_elements: int = OBJECTIVE_BLOCK_ELEMENTS,
 ) -> Any:
     """The model's training output for ``inputs`` (a collated batch), with the encoders run ``chunk_size`` rows at a
     time: ``loss`` is a leaf whose ``backward`` re-runs the chunks and fills the gradients of every parameter.
@@ -91,6 +98,7 @@ def gradient_cached_forward(
         chunk_size: rows embedded at once (``>= 1``); memory holds one chunk's activations.
         sync_gradients: called at the end of ``backward``; when it returns True, every gradient is averaged over
             processes (what DDP would have done). ``None``: never (one process, or the caller averages).
+        block_elements: the size of the objective's blocks (see :func:`objective_block_rows`); 0: a chunk's rows.
 
     Returns:
         A :class:`~gapclip.modeling.GapClipOutput` with ``loss`` (call ``backward`` on it, or on anything computed
@@ -127,7 +135,7 @@ def gradient_cached_forward(
     with torch.enable_grad():
         loss, loss_terms, grads = objective_and_gradients(
             model, {field: leaf_encodings[field] for field in ENCODING_FIELDS}, inputs.get("image_index"),
-            [*leaves.values(), *parameters], block_size=chunk_size,
+            [*leaves.values(), *parameters], block_size=chunk_size, block_elements=block_elements,
         )
     outputs = _output(merged, loss, loss_terms)
     if grads is None:
@@ -146,23 +154,24 @@ def gradient_cached_forward(
 
 def objective_and_gradients(
     model: Any, encodings: Mapping[str, Any], image_index: torch.Tensor | None, wrt: list[torch.Tensor], *,
-    block_size: int,
+    block_size: int, block_elements: int = OBJECTIVE_BLOCK_ELEMENTS,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor | None, ...] | None]:
     """The objective of encoded rows (``loss_from_encodings``' arguments) and its gradients with respect to ``wrt``
     (``None`` when nothing in it needs one).
 
     When the base loss and every gap term compute the share of any block of rows from the gathered batch alone
-    (``GapClipModel.computes_row_blocks``), the objective is computed ``block_size`` query rows at a time: each
-    block's share (its rows against the whole batch, divided by the whole batch's normaliser; see ``GapBatch``) is
-    differentiated and freed before the next, so the objective holds ``block_size × B`` matrices instead of
-    ``B × B``. The shares add up to the objective, so the value and the gradients are the whole objective's (up to
+    (``GapClipModel.computes_row_blocks``), the objective is computed ``objective_block_rows(B, block_size,
+    block_elements)`` query rows at a time: each block's share (its rows against the whole batch, divided by the whole
+    batch's normaliser; see ``GapBatch``) is differentiated and freed before the next, so the objective holds
+    ``rows × B`` matrices instead of ``B × B``. The shares add up to the objective, so the value and the gradients are the whole objective's (up to
     float rounding). Otherwise (LSC, L_dim, CUSA, the sparse DIAS mask, distance-weighted triplets: they gather or
     sum across the batch, or draw per call) the whole objective is computed at once.
     """
     batch = model.global_batch(**encodings, image_index=image_index)
     query_rows = range(batch.rows.start, batch.rows.stop)
     # Decided on the global batch size, the same on every process: all of them take the same collectives.
-    if not model.computes_row_blocks or block_size >= batch.batch_size:
+    rows = objective_block_rows(batch.batch_size, block_size, block_elements)
+    if not model.computes_row_blocks or rows >= batch.batch_size:
         loss, loss_terms = model.compute_loss(batch)
         if not loss.requires_grad:
             return loss, loss_terms, None
@@ -182,8 +191,8 @@ def objective_and_gradients(
     targets = [*batch_leaves.values(), *own]
     sums: dict[str, torch.Tensor] = {}
     totals: list[torch.Tensor | None] = [None] * len(targets)
-    for start in query_rows[::block_size]:
-        block = dataclasses.replace(leaf_batch, local_rows=slice(start, min(start + block_size, query_rows.stop)))
+    for start in query_rows[::rows]:
+        block = dataclasses.replace(leaf_batch, local_rows=slice(start, min(start + rows, query_rows.stop)))
         shares = model.loss_shares(block)
         for name, share in shares.items():
             sums[name] = share.detach() if name not in sums else sums[name] + share.detach()
@@ -267,6 +276,18 @@ class _ChunkReplay:
             parameter.grad = grad if parameter.grad is None else parameter.grad + grad
         if self.sync_gradients is not None and self.sync_gradients():
             average_gradients(self.model.parameters())
+
+
+def objective_block_rows(batch_size: int, block_size: int, block_elements: int = OBJECTIVE_BLOCK_ELEMENTS) -> int:
+    """Query rows per block of the blockwise objective for a global batch of ``batch_size``: ``block_size`` (the
+    chunk), or more while a ``rows × batch_size`` matrix stays within ``block_elements``; ``>= batch_size``: one block.
+
+    Example::
+
+        >>> objective_block_rows(1024, 64), objective_block_rows(4096, 64), objective_block_rows(256, 64)
+        (256, 64, 1024)
+    """
+    return max(block_size, block_elements // batch_size)
 
 
 def split_inputs(inputs: Mapping[str, Any], chunk_size: int, *, not_per_row: set[str] = frozenset()) -> list[dict]:

@@ -116,7 +116,10 @@ def _step(
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     if gradient_cache_chunk_size:
-        outputs = gradient_cached_forward(model, batch, gradient_cache_chunk_size, sync_gradients=lambda: True)
+        # block_elements=0: the objective's blocks are a chunk's rows, so the blockwise objective is what is checked
+        outputs = gradient_cached_forward(
+            model, batch, gradient_cache_chunk_size, sync_gradients=lambda: True, block_elements=0
+        )
     else:
         outputs = model(**batch, return_loss=True)
     outputs.loss.backward()

@@ -222,7 +222,7 @@ class GapTerm(nn.Module):
     :func:`~gapclip.distributed.all_reduce_with_grad`). A term without it makes ``local_loss`` a ``ValueError`` that
     names it. A term whose share of *any* block of rows reads nothing but the gathered batch (no collective, no state
     that changes between calls) also sets ``row_block_shares = True``: gradient caching then computes the objective
-    a block of rows at a time (memory ``chunk × B`` instead of ``B × B``).
+    a block of rows at a time (``rows × B`` matrices of a bounded size instead of ``B × B``).
     """
 
     name: ClassVar[str]
