@@ -21,9 +21,8 @@ loss computes the share of any block of rows alone (``row_block_shares``: InfoNC
 distance-weighted sampling, GST, dense L_inter/L_intra), step 2 too goes a block of query rows at a time
 (:func:`objective_and_gradients`), so the objective holds ``rows × B`` matrices of at most
 ``max(chunk × B, OBJECTIVE_BLOCK_ELEMENTS)`` elements, not ``B × B``, and the peak stays flat in the batch size up
-to the ``B × D`` encodings. The gradient equals the uncached step's (up to float
-rounding); dropout draws its masks chunk by chunk, which is the same distribution, not the same numbers, as one pass
-over the whole batch.
+to the ``B × D`` encodings. The gradient equals the uncached step's (up to float rounding); dropout draws its masks
+chunk by chunk, which is the same distribution, not the same numbers, as one pass over the whole batch.
 
 References: Gao, Zhang, Han, Callan, *Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup*,
 RepL4NLP 2021 (arXiv:2101.06983); sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (the same scheme,
@@ -163,9 +162,10 @@ def objective_and_gradients(
     (``GapClipModel.computes_row_blocks``), the objective is computed ``objective_block_rows(B, block_size,
     block_elements)`` query rows at a time: each block's share (its rows against the whole batch, divided by the whole
     batch's normaliser; see ``GapBatch``) is differentiated and freed before the next, so the objective holds
-    ``rows × B`` matrices instead of ``B × B``. The shares add up to the objective, so the value and the gradients are the whole objective's (up to
-    float rounding). Otherwise (LSC, L_dim, CUSA, the sparse DIAS mask, distance-weighted triplets: they gather or
-    sum across the batch, or draw per call) the whole objective is computed at once.
+    ``rows × B`` matrices instead of ``B × B``. The shares add up to the objective, so the value and the gradients
+    are the whole objective's (up to float rounding). Otherwise (LSC, L_dim, CUSA, the sparse DIAS mask,
+    distance-weighted triplets: they gather or sum across the batch, or draw per call) the whole objective is
+    computed at once.
     """
     batch = model.global_batch(**encodings, image_index=image_index)
     query_rows = range(batch.rows.start, batch.rows.stop)
