@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gapclip import GapClipConfig, GapClipModel
 from gapclip.cli import GapClipTrainingArguments
 from gapclip.gradient_cache import (
+    OBJECTIVE_BLOCK_ELEMENTS,
     RandomState,
     gradient_cached_forward,
     objective_and_gradients,
@@ -154,22 +155,19 @@ def test_blockwise_objective_never_holds_a_batch_by_batch_matrix(spec):
     if "gst" in str(spec):
         encodings["term_extras"] = {"translation_embeds": unit(), "has_translation": torch.ones(n, dtype=torch.bool)}
     leaves = [encodings["image_embeds"].requires_grad_(), encodings["text_embeds"].requires_grad_()]
-    largest = {}
-    for block_size in (4, n):
+    largest, results = {}, {}
+    # block_elements=0: blocks of 4 rows; the default bound makes 96 × 96 one block (the whole objective)
+    for form, elements in (("blockwise", 0), ("whole", OBJECTIVE_BLOCK_ELEMENTS)):
         with _LargestOutput() as mode:
-            loss, _, grads = objective_and_gradients(
-                model, encodings, None, leaves, block_size=block_size, block_elements=0
+            results[form] = objective_and_gradients(
+                model, encodings, None, leaves, block_size=4, block_elements=elements
             )
-        largest[block_size] = mode.largest
-        if block_size == 4:
-            blockwise = (loss, grads)
-    assert largest[4] <= max(n * width, 4 * n) < n * n
-    assert largest[n] >= n * n
-    with _LargestOutput() as mode:  # the default bound makes 96 × 96 one block
-        reference = objective_and_gradients(model, encodings, None, leaves, block_size=4)
-    assert mode.largest >= n * n
-    torch.testing.assert_close(blockwise[0], reference[0])
-    for got, expected in zip(blockwise[1], reference[2]):
+        largest[form] = mode.largest
+    assert largest["blockwise"] <= max(n * width, 4 * n) < n * n
+    assert largest["whole"] >= n * n
+    (loss, _, grads), (reference_loss, _, reference_grads) = results["blockwise"], results["whole"]
+    torch.testing.assert_close(loss, reference_loss)
+    for got, expected in zip(grads, reference_grads):
         torch.testing.assert_close(got, expected)
 
 
