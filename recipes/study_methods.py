@@ -102,6 +102,11 @@ class StudyArguments:
     max_grid_extensions: int = field(
         default=2, metadata={"help": "A grid whose best value is at an end grows one step that way, this many times."}
     )
+    coordinate_rounds: int = field(
+        default=3,
+        metadata={"help": "Rounds of the length/learning-rate search at most: while stage 1 moves the rate, the "
+                          "length is chosen again at the new rate and the rate at the new length (1: one pass)."},
+    )
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size."})
     scratch_width: int = field(default=128, metadata={"help": "Width of the from-scratch CLIP."})
     scratch_layers: int = field(default=3, metadata={"help": "Layers of the from-scratch CLIP."})
@@ -140,7 +145,7 @@ class StudyArguments:
             stop_after=self.stop_after,
             variant_names=tuple(name.strip() for name in (self.variants or "").split(";") if name.strip()),
             weight_factors=_floats(self.weight_factors, "weight_factors"),
-            max_grid_extensions=self.max_grid_extensions,
+            max_grid_extensions=self.max_grid_extensions, coordinate_rounds=self.coordinate_rounds,
             batch_size=self.per_device_train_batch_size, scratch_width=self.scratch_width,
             scratch_layers=self.scratch_layers, image_size=self.image_size,
             model_name_or_path=self.model_name_or_path, pretrained_backbone=self.pretrained_backbone,

@@ -125,3 +125,18 @@ def test_a_missing_local_start_model_is_named_at_parsing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"^--model_name_or_path './no/such/model': no such folder"):
         _study_recipe().main(["--model_name_or_path", "./no/such/model", "--output_dir", str(tmp_path)])
+
+
+def test_search_flags_reach_the_settings(tmp_path):
+    from transformers import HfArgumentParser
+
+    recipe = _study_recipe()
+    parser = HfArgumentParser((recipe.StudyArguments, recipe.DataArguments))
+    study_args, _ = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--coordinate_rounds", "1", "--max_grid_extensions", "0"])
+    settings = study_args.settings()
+    assert settings.coordinate_rounds == 1 and settings.max_grid_extensions == 0
+    default, _ = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
+    assert default.settings().coordinate_rounds == 3
+    with pytest.raises(ValueError, match="coordinate_rounds"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--coordinate_rounds", "0"])[0].settings()

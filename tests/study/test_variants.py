@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +13,7 @@ import pytest
 
 from gapclip import GapClipConfig
 from gapclip.study import SWEEPS, default_variants
+from gapclip.study.report import render_markdown
 from gapclip.study.runner import MethodStudy, StudySettings
 from gapclip.study.variants import BASELINES
 from gapclip.testing import tiny_clip_config
@@ -85,8 +88,14 @@ def test_run_counts_and_which_runs_are_shared_with_the_selection_stages(tmp_path
     # provisional length is stage 0's run) + 8 sweeps × 3 weights + (12 main rows × 3 seeds + 8 single rows) - 10 runs
     # shared with stages 1-2
     context = SimpleNamespace(key="k", regime="pretrained")
-    total, missing = study.count_runs("pretrained", everything, context, tmp_path)
+    one_pass = MethodStudy(StudySettings(seeds=3, max_grid_extensions=0, coordinate_rounds=1), data_args=None,
+                           output_dir=tmp_path)
+    total, missing = one_pass.count_runs("pretrained", everything, context, tmp_path)
     assert total == len(missing) == 6 + 4 + 24 + 36 + 8 - 10
+    # The default search goes on: missing runs score alike, so stage 1 provisionally picks the first (lowest) rate,
+    # which is not the one the length was chosen at; round 2 tries the length again there, at 1 epoch (stage 1's run,
+    # read back) and 2 (1 ÷ 2 rounds up to 1), for both base losses, and the length does not move: no further round.
+    assert study.count_runs("pretrained", everything, context, tmp_path)[0] == 6 + 4 + 24 + 36 + 8 - 10 + 2
     fixed = MethodStudy(StudySettings(seeds=3, max_grid_extensions=0, epochs={"pretrained": 2, "scratch": 5}),
                         data_args=None, output_dir=tmp_path)
     assert fixed.settings.epochs == {"pretrained": (2,), "scratch": (5,)}
@@ -186,12 +195,82 @@ def test_stage_0_selects_each_base_loss_schedule_length_and_every_later_run_uses
 
 @pytest.mark.parametrize("stop_after,done", [("epochs", 1), ("learning_rate", 2), ("weights", 3)])
 def test_stop_after_ends_the_study_after_that_selection(tmp_path, stop_after, done):
-    settings = StudySettings(regimes=("pretrained",), max_grid_extensions=0, stop_after=stop_after)
+    settings = StudySettings(regimes=("pretrained",), max_grid_extensions=0, stop_after=stop_after,
+                             coordinate_rounds=1)
     study = MethodStudy(settings, data_args=None, output_dir=tmp_path)
     fetch, asked = _scored_fetch(lambda spec: float(spec.epochs))
     outcome = study._stages("pretrained", {"translation", "teacher"}, fetch)
     assert len(asked) == done and not outcome["runs"]
     assert bool(outcome["learning_rate"]) == (done >= 2) and bool(outcome["weights"]) == (done >= 3)
+
+
+def _interacting_score(spec):
+    """Validation RSUM of a run where the best length depends on the rate: 4 epochs at 1e-4 or below, 8 above; the
+    best rate is 3e-4 at any length."""
+    best_length = 4 if spec.learning_rate <= 1e-4 else 8
+    return 100.0 - abs(math.log2(spec.epochs / best_length)) - 5 * abs(math.log(spec.learning_rate / 3e-4))
+
+
+def test_length_and_rate_are_searched_again_until_neither_moves(tmp_path):
+    settings = StudySettings(regimes=("pretrained",), max_grid_extensions=1,
+                             learning_rates={"pretrained": (3e-5, 1e-4, 3e-4), "scratch": (1e-3,)},
+                             epochs={"pretrained": (1, 2, 4), "scratch": (5,)})
+    study = MethodStudy(settings, data_args=None, output_dir=tmp_path)
+    fetch, asked = _scored_fetch(_interacting_score)
+    outcome = study._stages("pretrained", {"translation", "teacher"}, fetch)
+    # Round 1: 4 epochs at the middle rate (1e-4; 8 was tried and is worse), then 3e-4 at 4 epochs (9e-4 tried).
+    # 3e-4 is not the rate the length was chosen at, so round 2 chooses the length again at 3e-4 around 4 (2, 4, 8;
+    # 8 is best at the end, so 16 is tried) and, the length having moved to 8, the rate around 3e-4 at 8 epochs: it
+    # stays, so (8, 3e-4) is a fixed point and no round 3 is run.
+    assert outcome["epochs"] == {"infonce": 8, "triplet": 8}
+    assert outcome["learning_rate"] == {"infonce": 3e-4, "triplet": 3e-4}
+    batches = [sorted({(s.epochs, s.learning_rate) for s in batch if not s.gap_terms and s.seed == 0})
+               for batch in asked[:6]]
+    assert batches == [
+        [(1, 1e-4), (2, 1e-4), (4, 1e-4)], [(8, 1e-4)],  # round 1, stage 0 and its extension
+        [(4, 3e-5), (4, 1e-4), (4, 3e-4)], [(4, 9e-4)],  # round 1, stage 1 and its extension
+        [(2, 3e-4), (4, 3e-4), (8, 3e-4)], [(16, 3e-4)],  # round 2, stage 0 at the new rate and its extension
+    ]
+    assert sorted({(s.epochs, s.learning_rate) for s in asked[6]}) == [(8, 1e-4), (8, 3e-4), (8, 9e-4)]
+    later = [spec for batch in asked[7:] for spec in batch]
+    assert later and all(spec.epochs == 8 and spec.learning_rate == 3e-4 for spec in later)
+    lengths, rates = outcome["selection"]["epochs"]["infonce"], outcome["selection"]["learning_rate"]["infonce"]
+    assert [(r["round"], r["learning_rate"], r["grid"], r["selected"]) for r in lengths["rounds"]] == [
+        (1, 1e-4, [1, 2, 4], 4), (2, 3e-4, [2, 4, 8], 8)]
+    assert lengths["selected"] == 8 and sorted(lengths["validation_rsum"], key=int) == ["2", "4", "8", "16"]
+    assert [(r["round"], r["epochs"], r["selected"]) for r in rates["rounds"]] == [(1, 4, 3e-4), (2, 8, 3e-4)]
+    assert rates["fixed_point"] is True
+    assert outcome["selection"]["weights"]["csa"]["baseline_validation_rsum"] == 100.0
+
+    # One pass (the search before rounds): the length chosen at 1e-4 is kept, and the report says it is no fixed point.
+    one_pass = MethodStudy(replace(settings, coordinate_rounds=1), data_args=None, output_dir=tmp_path)
+    outcome = one_pass._stages("pretrained", {"translation", "teacher"}, _scored_fetch(_interacting_score)[0])
+    assert outcome["epochs"] == {"infonce": 4, "triplet": 4}
+    assert outcome["selection"]["learning_rate"]["infonce"]["fixed_point"] is False
+
+
+def test_the_report_lists_every_round_of_the_search(tmp_path):
+    study = MethodStudy(StudySettings(regimes=("pretrained",), max_grid_extensions=1, stop_after="learning_rate",
+                                      epochs={"pretrained": (1, 2, 4), "scratch": (5,)}),
+                        data_args=None, output_dir=tmp_path)
+    outcome = study._stages("pretrained", {"translation", "teacher"}, _scored_fetch(_interacting_score)[0])
+    section = {"run_count": 0, "run_seconds": 0.0, "wall_seconds": 0.0, "stopped_after": "learning_rate",
+               "selection": outcome["selection"], "methods": {}, "weight_factors": [1.0]}
+    results = {"settings": {"seeds": 1, "batch_size": 8}, "data": {}, "wall_seconds": 0.0,
+               "machine": {"cpus": 2, "torch": "x", "load_average_at_write": None}, "regimes": {"pretrained": section}}
+    text = render_markdown(results)
+    # 100 - |log2(length / best length)| - 5 |ln(rate / 3e-4)|, e.g. 4 epochs at 1e-4: 100 - 0 - 5 ln 3 = 94.5
+    assert "- infonce (lr 0.0001): 1: 92.5 (1), 2: 93.5 (2), 4: 94.5 (4), 8†: 93.5 (8) → **4 epochs**" in text
+    assert ("- infonce, round 2 (lr 0.0003): 2: 98.0 (2), 4: 99.0 (4), 8: 100.0 (8), 16†: 99.0 (16) → **8 epochs**"
+            in text)
+    assert "- triplet: 3e-05: 88.5, 0.0001: 94.5, 0.0003: 99.0, 0.0009†: 93.5 → **0.0003**" in text
+    assert "- triplet, round 2 (8 epochs): 0.0001: 93.5, 0.0003: 100.0, 0.0009: 94.5 → **0.0003**" in text
+    assert "still moved" not in text
+    one_pass = MethodStudy(replace(study.settings, coordinate_rounds=1), data_args=None, output_dir=tmp_path)
+    section["selection"] = one_pass._stages("pretrained", {"translation", "teacher"},
+                                            _scored_fetch(_interacting_score)[0])["selection"]
+    text = render_markdown(results)
+    assert "round 2" not in text and "(infonce: the rate still moved in the last of the rounds allowed" in text
 
 
 def test_a_whole_number_grid_never_grows_below_one():
@@ -214,7 +293,8 @@ def test_a_whole_number_grid_never_grows_below_one():
     [({"regimes": ("finetune",)}, "regimes"), ({"families": ("CLIP",)}, "families"), ({"seeds": 0}, "seeds"),
      ({"weight_factors": (0.0,)}, "weight_factors"), ({"epochs": {"pretrained": 0, "scratch": 1}}, "epochs"),
      ({"epochs": {"pretrained": (1, 2.5), "scratch": 1}}, "epochs"), ({"stop_after": "test"}, "stop_after"),
-     ({"max_grid_extensions": -1}, "max_grid_extensions"), ({"variant_names": ("+CSB",)}, "variant_names")],
+     ({"max_grid_extensions": -1}, "max_grid_extensions"), ({"variant_names": ("+CSB",)}, "variant_names"),
+     ({"coordinate_rounds": 0}, "coordinate_rounds"), ({"coordinate_rounds": 1.5}, "coordinate_rounds")],
 )
 def test_bad_settings_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -187,22 +187,31 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
         if section.get("stopped_after"):
             lines.append(f"Stopped after the `{section['stopped_after']}` selection (`--stop_after`): no test results.")
-        lines += ["", "Schedule length (stage 0, validation RSUM of each length at the middle learning rate, seed 0; "
-                  "best epoch in parentheses; † a length added because the best one was at the end of the grid):", ""]
+        lines += ["", "Schedule length (stage 0, validation RSUM of each length at the middle learning rate, in a "
+                  "later round at the rate stage 1 selected, seed 0; best epoch in parentheses; † a length added "
+                  "because the best one was at the end of the grid):", ""]
         for base, sel in section["selection"].get("epochs", {}).items():
-            grid = ", ".join(
-                f"{e}{'' if int(e) in sel['grid'] else '†'}: {_fmt(v)} ({sel['best_epoch'][e]})"
-                for e, v in sel["validation_rsum"].items()
-            )
-            lines.append(f"- {base} (lr {sel['learning_rate']:g}): {grid} → **{sel['selected']} epochs**")
+            for step in sel.get("rounds", [sel]):
+                grid = ", ".join(
+                    f"{e}{'' if int(e) in step['grid'] else '†'}: {_fmt(v)} ({step['best_epoch'][e]})"
+                    for e, v in step["validation_rsum"].items()
+                )
+                lines.append(f"- {base}{_round(step)} (lr {step['learning_rate']:g}): {grid} → "
+                             f"**{step['selected']} epochs**")
         if section["selection"]["learning_rate"]:
             lines += ["", "Learning rate (stage 1, validation RSUM of each grid value at the selected length, seed 0; "
-                      "† a value added because the best one was at the end of the grid):", ""]
+                      "† a value added because the best one was at the end of the grid; a round after the first "
+                      "chooses the length again at the new rate, then the rate at the new length):", ""]
         for base, sel in section["selection"]["learning_rate"].items():
-            grid = ", ".join(
-                f"{lr}{'' if float(lr) in sel['grid'] else '†'}: {_fmt(v)}" for lr, v in sel["validation_rsum"].items()
-            )
-            lines.append(f"- {base}: {grid} → **{sel['selected']:g}**")
+            for step in sel.get("rounds", [sel]):
+                grid = ", ".join(
+                    f"{lr}{'' if float(lr) in step['grid'] else '†'}: {_fmt(v)}"
+                    for lr, v in step["validation_rsum"].items()
+                )
+                lines.append(f"- {base}{_round(step)}{_at(step)}: {grid} → **{step['selected']:g}**")
+            if sel.get("fixed_point") is False:
+                lines.append(f"  ({base}: the rate still moved in the last of the rounds allowed, "
+                             "`--coordinate_rounds`; the length was chosen at the rate before)")
         if section["selection"]["weights"]:
             lines += ["", "Term weights (stage 2, validation RSUM of each weight, seed 0; paper weight in italics):", ""]
             for name, sel in section["selection"]["weights"].items():
@@ -219,10 +228,18 @@ def render_markdown(results: dict[str, Any]) -> str:
             continue
         main = [name for name, entry in methods.items() if entry["main_table"]]
         single = [name for name, entry in methods.items() if not entry["main_table"]]
-        lines += ["", f"### Main table: test split, mean ± std over seeds", ""] + _table(methods, main)
+        lines += ["", "### Main table: test split, mean ± std over seeds", ""] + _table(methods, main)
         if single:
             lines += ["", "### Other variants: test split, one seed", ""] + _table(methods, single)
     return "\n".join(lines) + "\n"
+
+
+def _round(step: dict) -> str:
+    return f", round {step['round']}" if step.get("round", 1) > 1 else ""
+
+
+def _at(step: dict) -> str:
+    return f" ({step['epochs']} epochs)" if step.get("round", 1) > 1 else ""
 
 
 def _fmt(value: float | None) -> str:

@@ -16,12 +16,14 @@ For each regime (``pretrained``: fine-tune a pretrained dual encoder; ``scratch`
    Runs identical to a stage-1/2 run (same settings, seed 0) are that run, not a rerun.
 
 Each term inherits its base loss's schedule length and learning rate (tuned once, on the baseline: a method is
-never given a longer search than its baseline). Stages 0 and 1 are one pass of a coordinate search: the length is
-chosen at the middle learning rate, the learning rate at that length (the two interact — a small learning rate may
-want a longer schedule — so a length is the best one *at that rate*). Only stage 3's test-split numbers are reported
-as results; the test split never enters a selection. Every run is cached on disk under ``output_dir/runs/<regime>/``
-by a key of everything it depends on, so an interrupted study resumes where it stopped and a finished run is never
-redone.
+never given a longer search than its baseline). Stages 0 and 1 are a coordinate search: the length is chosen at the
+middle learning rate, the learning rate at that length, and while the rate moves, the length is chosen again at the
+new rate and the rate at the new length (``coordinate_rounds`` rounds at most), until the pair is a fixed point. One
+pass is not enough: on the demo data, stage 0 chose 16 epochs at 1e-4, stage 1 then chose 3e-4, and at 3e-4 a
+32-epoch schedule scored 14.6 validation RSUM more than 16 (InfoNCE, pretrained start). Only stage 3's test-split
+numbers are reported as results; the test split never enters a selection. Every run is cached on disk under
+``output_dir/runs/<regime>/`` by a key of everything it depends on, so an interrupted study resumes where it stopped
+and a finished run is never redone.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class StudySettings:
         weight_factors: stage 2 tries ``paper weight × factor`` for each factor.
         max_grid_extensions: a schedule-length, learning-rate or weight grid whose best value is at an end grows by
             one more step that way, at most this many times.
+        coordinate_rounds: rounds of stages 0-1 at most: after the first, while stage 1 moves the learning rate, the
+            length is chosen again at the new rate and the rate at the new length (1: a single pass).
         model_name_or_path: the pretrained start; default the demo CLIP of ``recipes/pretrain_demo.py`` (made on
             first use, at ``image_size``).
         image_size: image size of the demo data, of the demo pretraining and of a from-scratch model.
@@ -85,6 +89,7 @@ class StudySettings:
     epochs: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"pretrained": (1, 2, 4), "scratch": (5, 10)})
     weight_factors: tuple[float, ...] = (0.1, 1.0, 10.0)
     max_grid_extensions: int = 2
+    coordinate_rounds: int = 3
     batch_size: int = 64
     eval_batch_size: int = 128
     scratch_width: int = 128
@@ -117,6 +122,9 @@ class StudySettings:
             self.epochs = {**self.epochs, regime: tuple(sorted(int(e) for e in grid))}
         if self.max_grid_extensions < 0:
             raise ValueError(f"max_grid_extensions must be >= 0, got {self.max_grid_extensions}.")
+        if isinstance(self.coordinate_rounds, bool) or not isinstance(self.coordinate_rounds, int) \
+                or self.coordinate_rounds < 1:
+            raise ValueError(f"coordinate_rounds must be a whole number >= 1, got {self.coordinate_rounds!r}.")
         if not self.weight_factors or any(not f > 0 for f in self.weight_factors):
             raise ValueError(f"weight_factors must list positive numbers, got {self.weight_factors!r}.")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -199,42 +207,11 @@ class MethodStudy:
         outcome: dict[str, Any] = {"selection": selection, "runs": {}, "weights": {}, "learning_rate": {}}
         bases = self.needed_bases(available)
 
-        # 0. schedule length of each base loss, at the middle learning rate of the grid
-        epoch_grid = settings.epochs[regime]
-        probe_lr = middle(settings.learning_rates[regime])
-        epochs, grids = self._select(
-            {base: epoch_grid for base in bases},
-            lambda base, length: RunSpec.make(
-                f"{regime}: {base} baseline, {length:g} epochs, lr={probe_lr:g}", base, [],
-                learning_rate=probe_lr, epochs=int(length), seed=0,
-            ),
-            fetch, whole=True,
-        )
-        epochs = {base: int(length) for base, length in epochs.items()}
-        for base in bases:
-            selection["epochs"][base] = {
-                "selected": epochs[base], "grid": list(epoch_grid), "learning_rate": probe_lr,
-                "validation_rsum": {str(int(e)): _val(r) for e, r in sorted(grids[base].items())},
-                "best_epoch": {str(int(e)): r.get("best_epoch") for e, r in sorted(grids[base].items())},
-            }
+        # 0-1. schedule length and learning rate of each base loss (a coordinate search, repeated to a fixed point)
+        epochs, learning_rate = self._tune_baselines(regime, bases, fetch, selection)
         outcome["epochs"] = epochs
         if settings.stop_after == "epochs":
             return outcome
-
-        # 1. learning rate of each base loss, at its schedule length
-        learning_rate, grids = self._select(
-            {base: settings.learning_rates[regime] for base in bases},
-            lambda base, lr: RunSpec.make(
-                f"{regime}: {base} baseline, lr={lr:g}", base, [], learning_rate=lr, epochs=epochs[base], seed=0
-            ),
-            fetch,
-        )
-        for base in bases:
-            selection["learning_rate"][base] = {
-                "selected": learning_rate[base], "grid": list(settings.learning_rates[regime]),
-                "validation_rsum": {f"{lr:g}": _val(r) for lr, r in sorted(grids[base].items())},
-                "best_epoch": {f"{lr:g}": r.get("best_epoch") for lr, r in sorted(grids[base].items())},
-            }
         outcome["learning_rate"] = learning_rate
         if settings.stop_after == "learning_rate":
             return outcome
@@ -273,6 +250,91 @@ class MethodStudy:
         for (variant, seed), record in zip(cells, records):
             outcome["runs"].setdefault(variant.name, {})[seed] = record
         return outcome
+
+    def _tune_baselines(
+        self, regime: str, bases: list[str], fetch: Callable[[list[RunSpec]], list[dict]], selection: dict[str, Any]
+    ) -> tuple[dict[str, int], dict[str, float]]:
+        """Stages 0 and 1 for every base loss: (schedule length, learning rate), each recorded in ``selection``.
+
+        Round 1 is stage 0 on the regime's length grid at the middle learning rate, then stage 1 on the rate grid at
+        the selected length. The two interact (a higher rate may want a longer or a shorter schedule), so while the
+        rate stage 1 selects differs from the one the length was chosen at, another round (up to
+        ``coordinate_rounds``) chooses the length again at the new rate, on a grid centred on the current length
+        (÷2, ×1, ×2, extended at its ends as any grid), and, if the length moved, the rate again at the new length
+        (÷3, ×1, ×3 around the current rate). A base loss whose pair no longer moves is at a fixed point: its length
+        is the best at its rate and its rate the best at its length. Runs already trained (the same length and rate,
+        seed 0) are read back, not redone. With one length (or one rate) there is nothing to iterate.
+        """
+        settings = self.settings
+        search = len(settings.epochs[regime]) > 1 and len(settings.learning_rates[regime]) > 1
+        rounds = settings.coordinate_rounds if search else 1
+        probe = dict.fromkeys(bases, middle(settings.learning_rates[regime]))
+        epochs: dict[str, int] = {}
+        learning_rate: dict[str, float] = {}
+        length_rounds: dict[str, list[dict]] = {base: [] for base in bases}
+        rate_rounds: dict[str, list[dict]] = {base: [] for base in bases}
+        to_length = list(bases)
+        for round_ in range(1, rounds + 1):
+            # stage 0: the length, at each base loss's current rate
+            length_grid = {
+                base: settings.epochs[regime] if round_ == 1 else _centred(epochs[base], 2, whole=True)
+                for base in to_length
+            }
+            chosen, grids = self._select(
+                length_grid,
+                lambda base, length: RunSpec.make(
+                    f"{regime}: {base} baseline, {length:g} epochs, lr={probe[base]:g}", base, [],
+                    learning_rate=probe[base], epochs=int(length), seed=0,
+                ),
+                fetch, whole=True,
+            )
+            to_rate = []
+            for base in to_length:
+                length = int(chosen[base])
+                length_rounds[base].append({
+                    "round": round_, "selected": length, "grid": [int(e) for e in length_grid[base]],
+                    "learning_rate": probe[base],
+                    "validation_rsum": {str(int(e)): _val(r) for e, r in sorted(grids[base].items())},
+                    "best_epoch": {str(int(e)): r.get("best_epoch") for e, r in sorted(grids[base].items())},
+                })
+                if round_ == 1 or length != epochs[base]:
+                    to_rate.append(base)
+                epochs[base] = length
+            if settings.stop_after == "epochs" or not to_rate:
+                break
+            # stage 1: the rate, at each moved base loss's new length
+            rate_grid = {
+                base: settings.learning_rates[regime] if round_ == 1 else _centred(learning_rate[base], 3)
+                for base in to_rate
+            }
+            chosen, grids = self._select(
+                rate_grid,
+                lambda base, lr: RunSpec.make(
+                    f"{regime}: {base} baseline, lr={lr:g}", base, [], learning_rate=lr, epochs=epochs[base], seed=0
+                ),
+                fetch,
+            )
+            to_length = []
+            for base in to_rate:
+                rate_rounds[base].append({
+                    "round": round_, "selected": chosen[base], "grid": list(rate_grid[base]), "epochs": epochs[base],
+                    "validation_rsum": {f"{lr:g}": _val(r) for lr, r in sorted(grids[base].items())},
+                    "best_epoch": {f"{lr:g}": r.get("best_epoch") for lr, r in sorted(grids[base].items())},
+                })
+                learning_rate[base] = chosen[base]
+                if chosen[base] != probe[base]:
+                    probe[base] = chosen[base]
+                    to_length.append(base)
+            if not to_length:
+                break
+        for base in bases:
+            fixed_point = (learning_rate.get(base) == length_rounds[base][-1]["learning_rate"]
+                           or len(length_rounds[base]) > len(rate_rounds[base]))
+            selection["epochs"][base] = {**length_rounds[base][-1], "rounds": length_rounds[base]}
+            if rate_rounds[base]:
+                selection["learning_rate"][base] = {**rate_rounds[base][-1], "rounds": rate_rounds[base],
+                                                    "fixed_point": fixed_point if search else None}
+        return epochs, learning_rate
 
     def _select(
         self, grids: dict[str, tuple[float, ...]], make_spec: Callable[[str, float], RunSpec],
@@ -398,6 +460,13 @@ class MethodStudy:
             torch.set_num_threads(threads)
         total = sum(spec.epochs * per_epoch + per_run for spec in todo)
         return total / min(self.workers, len(todo))
+
+
+def _centred(value: float, ratio: float, *, whole: bool = False) -> tuple[float, ...]:
+    """``value`` and its neighbours a factor ``ratio`` either side (whole numbers ``>= 1`` when ``whole``)."""
+    if whole:
+        return tuple(sorted({max(1, round(value / ratio)), int(value), int(round(value * ratio))}))
+    return tuple(float(f"{v:.12g}") for v in (value / ratio, value, value * ratio))
 
 
 def middle(grid: tuple[float, ...]) -> float:
