@@ -293,9 +293,7 @@ class MethodStudy:
                 length = int(chosen[base])
                 length_rounds[base].append({
                     "round": round_, "selected": length, "grid": [int(e) for e in length_grid[base]],
-                    "learning_rate": probe[base],
-                    "validation_rsum": {str(int(e)): _val(r) for e, r in sorted(grids[base].items())},
-                    "best_epoch": {str(int(e)): r.get("best_epoch") for e, r in sorted(grids[base].items())},
+                    "learning_rate": probe[base], **_grid_scores(grids[base], lambda e: str(int(e))),
                 })
                 if round_ == 1 or length != epochs[base]:
                     to_rate.append(base)
@@ -318,8 +316,7 @@ class MethodStudy:
             for base in to_rate:
                 rate_rounds[base].append({
                     "round": round_, "selected": chosen[base], "grid": list(rate_grid[base]), "epochs": epochs[base],
-                    "validation_rsum": {f"{lr:g}": _val(r) for lr, r in sorted(grids[base].items())},
-                    "best_epoch": {f"{lr:g}": r.get("best_epoch") for lr, r in sorted(grids[base].items())},
+                    **_grid_scores(grids[base], lambda lr: f"{lr:g}"),
                 })
                 learning_rate[base] = chosen[base]
                 if chosen[base] != probe[base]:
@@ -473,6 +470,13 @@ def middle(grid: tuple[float, ...]) -> float:
     """The middle value of a grid (the lower of the two middle ones for an even count)."""
     ordered = sorted(grid)
     return ordered[(len(ordered) - 1) // 2]
+
+
+def _grid_scores(grid: dict[float, dict], name: Callable[[float], str]) -> dict[str, dict[str, Any]]:
+    """A selection grid's validation RSUM and best epoch per value, keyed by ``name(value)``, in grid order."""
+    ordered = sorted(grid.items())
+    return {"validation_rsum": {name(value): _val(record) for value, record in ordered},
+            "best_epoch": {name(value): record.get("best_epoch") for value, record in ordered}}
 
 
 def _val(record: dict | None) -> float | None:
