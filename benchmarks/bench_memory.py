@@ -20,11 +20,14 @@ allocator's defaults.
    inter/intra (dense), the terms whose local form needs no collective (LSC, USA, the sparse DIAS mask and
    ``dias_dim`` gather or sum what their rows derive, which one process cannot stand in for).
 
-Plus, for each variant, the largest batch of the ladder whose peak fits a fixed memory budget (``--budget_mib``).
+Gradient caching is also timed with chunks of 2C and 4C rows (in the same subprocesses, wherever the chunk is smaller
+than the batch): a larger chunk costs activation memory, but fewer, larger re-run calls keep the threads busier and
+the last chunk, which keeps its graph, saves a larger share of the extra forward. Plus, for each variant, the largest
+batch of the ladder whose peak fits a fixed memory budget (``--budget_mib``).
 Targets (printed, never asserted): the local objective grows as ``b·B`` (fitted exponent in ``B`` at fixed ``b``:
 about 1, against about 2 for the global one) and its step takes ≤ 1.05× the global step; with gradient caching the
 peak stays flat in the batch size beyond the chunk (fitted exponent near 0) and the step takes ≤ 1.35× the uncached
-step wherever that fits the budget.
+step wherever that fits the budget, read at the mode's chunk and for each chunk size (which of them meet both).
 """
 
 from __future__ import annotations
@@ -45,10 +48,13 @@ import _common as C  # noqa: E402
 NAME = "memory"
 BATCHES = {"full": (64, 128, 256, 512, 1024, 2048, 4096), "quick": (64, 256, 1024, 4096), "smoke": (8, 16, 32)}
 CHUNK = {"full": 64, "quick": 64, "smoke": 8}
+#: The chunk sizes gradient caching is timed at, in multiples of the mode's (or ``--chunk``'s) chunk.
+CHUNK_FACTORS = (1, 2, 4)
 PER_PROCESS = {"full": 64, "quick": 64, "smoke": 4}
 BUDGET_MIB = {"full": 1024.0, "quick": 1024.0, "smoke": 64.0}
 OBJECTIVE_DIM = {"full": 256, "quick": 128, "smoke": 32}  # the quick shape's embedding width
-STEP_VARIANTS = ("global loss", "local loss", "gradient caching")
+CACHED = "gradient caching"
+STEP_VARIANTS = ("global loss", "local loss", CACHED)
 #: What gradient caching adds to the uncached step at the least: a forward pass without a graph of every chunk but the
 #: last (timed beside the steps, so the cached step's ratio can be read against it).
 EXTRA_FORWARD = "extra forward"
@@ -60,6 +66,11 @@ OBJECTIVE_TERMS = [
 ]
 #: Allocations of 64 KiB or more are mmap'ed and given back when freed, so the RSS follows the live tensors.
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+def with_chunk(variant: str, chunk: int) -> str:
+    """The name of ``variant`` (gradient caching or its extra forward) run with chunks of ``chunk`` rows."""
+    return f"{variant} (C={chunk})"
 
 
 # --------------------------------------------------------------------------------------------- measuring (child)
@@ -105,28 +116,29 @@ def _step_fn(task: dict[str, Any]):
     from gapclip import GapClipConfig, GapClipModel
     from gapclip.gradient_cache import gradient_cached_forward
 
-    mode, device, size = task["mode"], task["device"], task["batch"]
+    mode, device, size, variant = task["mode"], task["device"], task["batch"], task["variant"]
+    chunk = task["chunks"].get(variant, task["chunk"])
     torch.manual_seed(0)
     if task["part"] == "step":
-        config = GapClipConfig(C.clip_config(mode), local_loss=task["variant"] == "local loss")
+        config = GapClipConfig(C.clip_config(mode), local_loss=variant == "local loss")
         model = GapClipModel(config).to(device).train()
         batch = C.make_batch(mode, size, device)
         small = C.make_batch(mode, 4, device, seed=2)
-        if task["variant"] == EXTRA_FORWARD:
+        if variant.startswith(EXTRA_FORWARD):
             from gapclip.gradient_cache import split_inputs
 
             def extra_forward(inputs=batch):
                 with torch.no_grad():
-                    for chunk in split_inputs(inputs, task["chunk"])[:-1]:
-                        model(**chunk, return_loss=False)
+                    for rows in split_inputs(inputs, chunk)[:-1]:
+                        model(**rows, return_loss=False)
 
             return extra_forward, lambda: extra_forward(small)
-        cached = task["variant"] == "gradient caching"
+        cached = variant.startswith(CACHED)
 
         def step(inputs=batch):
             model.zero_grad(set_to_none=True)
             if cached:
-                loss = gradient_cached_forward(model, inputs, task["chunk"]).loss
+                loss = gradient_cached_forward(model, inputs, chunk).loss
             else:
                 loss = model(**inputs, return_loss=True).loss
             loss.backward()
@@ -229,9 +241,10 @@ def timing_rounds(size: int, sizes: Sequence[int], repeats: int, most: int = 16)
 
 def run_part(part: str, variants: Sequence[str], sizes: Sequence[int], base: dict[str, Any], repeats: int) -> dict:
     """Every variant at every size, the variants interleaved: one subprocess per size (at --smoke one for all sizes,
-    since starting an interpreter with torch costs more than the smoke steps)."""
-    tasks = [{**base, "part": part, "variants": list(variants), "batch": size,
-              "repeats": timing_rounds(size, sizes, repeats)} for size in sizes]
+    since starting an interpreter with torch costs more than the smoke steps). A variant with its own chunk size
+    (``base["chunks"]``) runs only at the sizes that chunk is smaller than."""
+    tasks = [{**base, "part": part, "batch": size, "repeats": timing_rounds(size, sizes, repeats),
+              "variants": [v for v in variants if base["chunks"].get(v, 0) < size]} for size in sizes]
     groups = [tasks] if base["mode"] == "smoke" else [[task] for task in tasks]
     results: dict[int, dict[str, dict]] = {}
     for group in groups:
@@ -240,12 +253,12 @@ def run_part(part: str, variants: Sequence[str], sizes: Sequence[int], base: dic
         for task, peak, timed in zip(group, peaks, times):
             results[task["batch"]] = {
                 variant: {"peak_mib": peak[variant]["peak_mib"], "times_s": timed[variant]["times_s"]}
-                for variant in variants
+                for variant in task["variants"]
             }
     for size in sizes:
         print(f"  {part} B={size}: " + ", ".join(
-            f"{v} {results[size][v]['peak_mib']:.1f} MiB {C.median(results[size][v]['times_s']) * 1e3:.1f} ms"
-            for v in variants), flush=True)
+            f"{v} {entry['peak_mib']:.1f} MiB {C.median(entry['times_s']) * 1e3:.1f} ms"
+            for v, entry in results[size].items()), flush=True)
     return results
 
 
@@ -255,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: all)")
         parser.add_argument("--batches", default=None,
                             help="comma-separated global batch sizes instead of the mode's ladder (at least two)")
+        parser.add_argument("--chunk", type=int, default=None,
+                            help="rows per chunk of gradient caching (default: the mode's); 2× and 4× are timed too")
 
     args = C.parse_args(__doc__.splitlines()[0], argv, extra=extra)
     import torch
@@ -262,7 +277,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     mode, device = args.mode, args.device
     repeats = args.repeats or {"full": 3, "quick": 2, "smoke": 1}[mode]
     budget = args.budget_mib or BUDGET_MIB[mode]
-    sizes, chunk, per_process = BATCHES[mode], CHUNK[mode], PER_PROCESS[mode]
+    sizes, per_process = BATCHES[mode], PER_PROCESS[mode]
+    chunk = CHUNK[mode] if args.chunk is None else args.chunk
+    if chunk < 1:
+        raise SystemExit(f"--chunk takes a positive number of rows, got {args.chunk}")
+    chunks = [chunk * factor for factor in CHUNK_FACTORS]
     if args.batches:
         try:
             sizes = tuple(sorted({int(value) for value in args.batches.split(",")}))
@@ -274,11 +293,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)  # what the measuring subprocesses use, and what the header reports
     base = {"mode": mode, "device": device, "chunk": chunk, "threads": torch.get_num_threads(),
-            "per_process": per_process, "dim": OBJECTIVE_DIM[mode]}
+            "per_process": per_process, "dim": OBJECTIVE_DIM[mode],
+            "chunks": {with_chunk(variant, size): size for size in chunks[1:] for variant in (CACHED, EXTRA_FORWARD)}}
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     # 1. the training step of one process
-    steps = run_part("step", (*STEP_VARIANTS, EXTRA_FORWARD), sizes, base, repeats)
+    steps = run_part("step", (*STEP_VARIANTS, EXTRA_FORWARD, *base["chunks"]), sizes, base, repeats)
     rows, step_summary = [], {}
     for size in sizes:
         row: list[Any] = [size]
@@ -306,6 +326,39 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
     fits_budget = [s for s in sizes if steps[s]["global loss"]["peak_mib"] <= budget]
     local_ratios = [steps[s]["local loss"]["ratio_vs_global"] for s in sizes]
+
+    # gradient caching's chunk size: each C beside the same uncached step
+    chunk_rows, by_chunk = [], {}
+    for size in sizes:
+        reference = steps[size]["global loss"]["median_s"]
+        for chunk_size in [c for c in chunks if c < size]:
+            cached, extra = ((CACHED, EXTRA_FORWARD) if chunk_size == chunk else
+                             (with_chunk(CACHED, chunk_size), with_chunk(EXTRA_FORWARD, chunk_size)))
+            seconds, extra_s = C.median(steps[size][cached]["times_s"]), C.median(steps[size][extra]["times_s"])
+            entry = {"peak_mib": steps[size][cached]["peak_mib"], "median_s": seconds,
+                     "ratio_vs_global": seconds / reference, "extra_forward_s": extra_s,
+                     "floor_vs_global": (reference + extra_s) / reference}
+            by_chunk.setdefault(size, {})[chunk_size] = entry
+            chunk_rows.append([size, chunk_size, math.ceil(size / chunk_size), f"{entry['peak_mib']:.1f}",
+                               f"{seconds * 1e3:.1f}", f"{entry['ratio_vs_global']:.2f}×", f"{extra_s * 1e3:.1f}",
+                               f"{entry['floor_vs_global']:.2f}×"])
+    chunk_summary = {}
+    for chunk_size in chunks:
+        measured = [size for size in sizes if chunk_size in by_chunk.get(size, {})]
+        if not measured:  # a chunk no smaller than every batch: the step is the uncached one
+            continue
+        timed = [size for size in measured if size in fits_budget]
+        ratios = {size: by_chunk[size][chunk_size]["ratio_vs_global"] for size in timed}
+        worst_size = max(ratios, key=ratios.get, default=None)
+        peaks = [by_chunk[size][chunk_size]["peak_mib"] for size in measured]
+        chunk_summary[chunk_size] = {
+            "worst_batch": worst_size, "worst_ratio_vs_global": ratios.get(worst_size),
+            "fitted_exponent": fitted_exponent(measured, peaks) if len(measured) > 1 else None,
+        }
+    # the chunk sizes that meet both of gradient caching's targets at once (time where the uncached fits, flat peak)
+    meeting = [c for c, entry in chunk_summary.items() if entry["worst_ratio_vs_global"] is not None
+               and entry["worst_ratio_vs_global"] <= 1.35 and entry["fitted_exponent"] is not None
+               and entry["fitted_exponent"] <= 0.25]
     worst = max(fits_budget, key=lambda s: steps[s]["gradient caching"]["ratio_vs_global"], default=None)
     worst_ratio = None if worst is None else steps[worst]["gradient caching"]["ratio_vs_global"]
     summary_rows = [
@@ -320,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
          f"{worst_ratio:.3f}× (uncached + extra forward: {steps[worst][EXTRA_FORWARD]['floor_vs_global']:.3f}×)"
          if worst is not None else "n/a",
          C.met(worst is not None and worst_ratio <= 1.35)],
+        [f"both cached targets at one chunk size C ∈ {{{', '.join(map(str, chunks))}}} (per-chunk table)",
+         ", ".join(f"C = {c}" for c in meeting) or "none", C.met(bool(meeting))],
         [f"cached peak flat beyond the chunk (exponent in B over B > {chunk})",
          f"{step_summary['gradient caching']['fitted_exponent']:.2f}",
          C.met(step_summary["gradient caching"]["fitted_exponent"] <= 0.25)],
@@ -362,6 +417,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         (f"Training step of one process ({shape})", C.markdown_table(columns, rows)),
         (f"Fitted peak-memory exponent in B (over B > {chunk}) and largest batch within {budget:.0f} MiB",
          C.markdown_table(["variant", "exponent", "largest B"], summary_rows)),
+        ("Gradient caching's chunk size C (same subprocesses and rounds as above; cached/global against the same "
+         "uncached step)",
+         C.markdown_table(["B", "C", "chunks", "cached MiB", "cached ms", "cached/global", "extra forward ms",
+                           "(global + extra)/global"], chunk_rows)),
+        ("Per chunk size: the cached step's worst ratio where the uncached step fits, and the peak's exponent in B "
+         "over B > C", C.markdown_table(["C", "worst cached/global (B)", "peak exponent"], [
+             [c, "n/a" if entry["worst_batch"] is None else
+              f"{entry['worst_ratio_vs_global']:.2f}× ({entry['worst_batch']})",
+              "n/a" if entry["fitted_exponent"] is None else f"{entry['fitted_exponent']:.2f}"]
+             for c, entry in chunk_summary.items()])),
         (f"Objective of one process ({objective_text})",
          C.markdown_table(["B", "W", "global MiB", "global ms", "local MiB", "local ms", "local/global"],
                           objective_rows)),
@@ -374,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data = {
         "shape": shape, "load_average": load, "budget_mib": budget, "chunk": chunk, "per_process": per_process,
         "step": {str(size): steps[size] for size in sizes}, "step_summary": step_summary,
+        "chunk_sizes": {str(size): {str(c): value for c, value in entry.items()}
+                        for size, entry in by_chunk.items()},
+        "chunk_summary": {str(c): entry for c, entry in chunk_summary.items()},
         "objective": {str(size): objectives[size] for size in sizes}, "objective_summary": objective_summary,
         "targets": [[str(cell) for cell in target] for target in targets],
     }

@@ -62,6 +62,15 @@ def test_benchmark_smoke(script, tmp_path, monkeypatch):
     markdown = (tmp_path / f"{name}.md").read_text()
     assert "|---" in markdown
     assert re.search(r"\| [0-9.]+", markdown)
+    if script == "bench_memory":  # each chunk size is timed only where it splits the batch (smoke: C = 8, B = 8…32)
+        assert {size: sorted(map(int, by_chunk)) for size, by_chunk in data["chunk_sizes"].items()} == {
+            "16": [8], "32": [8, 16]}
+        assert set(data["chunk_summary"]) == {"8", "16"} and data["chunk_summary"]["16"]["fitted_exponent"] is None
+
+
+def test_bench_memory_refuses_a_chunk_of_no_rows():
+    with pytest.raises(SystemExit, match="--chunk takes a positive number of rows, got 0"):
+        _load("bench_memory").main(["--smoke", "--chunk", "0"])
 
 
 def test_run_all_combines(tmp_path, monkeypatch):
