@@ -154,7 +154,8 @@ class StudyArguments:
         return dataclasses.replace(settings, **SMOKE["settings"]) if self.smoke else settings
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_study(argv: list[str] | None = None) -> tuple[MethodStudy, StudyArguments]:
+    """The :class:`MethodStudy` the command line ``argv`` asks for (nothing is prepared or trained yet)."""
     study_args, data_args = HfArgumentParser((StudyArguments, DataArguments)).parse_args_into_dataclasses(argv)
     settings = study_args.settings()
     if study_args.smoke and data_args.dataset == "demo":
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     study = MethodStudy(
         settings, data_args, study_args.output_dir, show_progress=not study_args.disable_tqdm, workers=workers
     )
+    return study, study_args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    study, study_args = build_study(argv)
     if study_args.dry_run:
         return study.plan()
     results = study.run()

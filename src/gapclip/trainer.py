@@ -57,7 +57,8 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
       skipped steps are logged as ``skipped_steps`` (a count per logging window, and ``train_skipped_steps`` in the
       final metrics) and left out of the averaged ``loss``/``loss_<term>`` and ``train_loss``; a checkpoint
       appears as ``checkpoint-N`` only when complete (:mod:`gapclip.checkpoints`); the batch
-      sampler's state (``state_dict``/``load_state_dict``) is saved with each checkpoint and restored on resume;
+      sampler's state (``state_dict``/``load_state_dict``) is saved with each checkpoint and restored on resume, and
+      so is the state of any callback with ``save_checkpoint_state(folder)``/``load_checkpoint_state(folder)``;
       resuming a checkpoint trained with other ``gap_terms``/``base_loss`` is a ``ValueError`` naming both;
     - gradient caching: with ``args.gradient_cache_chunk_size`` (:class:`~gapclip.cli.GapClipTrainingArguments`)
       each training batch is embedded that many rows at a time (:mod:`gapclip.gradient_cache`): the gradient of the
@@ -127,6 +128,9 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
         if hasattr(self.train_batch_sampler, "state_dict"):  # e.g. K-means epoch and clusters, for resume
             with open(os.path.join(folder, SAMPLER_STATE_NAME), "w", encoding="utf-8") as handle:
                 json.dump(self.train_batch_sampler.state_dict(), handle)
+        for callback in self.callback_handler.callbacks:  # e.g. a callback that keeps the best epoch's weights
+            if hasattr(callback, "save_checkpoint_state"):
+                callback.save_checkpoint_state(folder)
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -155,6 +159,9 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
                     raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             self._check_resume_objective(resume_from_checkpoint)
             self._load_sampler_state(resume_from_checkpoint)
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "load_checkpoint_state"):
+                    callback.load_checkpoint_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _check_resume_objective(self, checkpoint: str) -> None:

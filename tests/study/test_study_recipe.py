@@ -83,7 +83,7 @@ def test_a_rerun_trains_nothing_and_gives_the_same_study(smoke_study, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(pool, "train_and_evaluate", no_training)
+    monkeypatch.setattr(pool, "train_and_save", no_training)
     monkeypatch.setattr(pool.RunExecutor, "_run_in_pool", no_training)
     again = _study_recipe().main(["--smoke", "--output_dir", str(out), "--disable_tqdm", "true"])
     for regime in ("pretrained", "scratch"):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .runs import RunContext, RunSpec, load_run, run_key, save_run, train_and_evaluate
+from .runs import RunContext, RunSpec, load_run, run_key, train_and_save
 
 __all__ = ["RunExecutor", "default_workers"]
 
@@ -35,7 +35,7 @@ def _init_worker(context: RunContext, folder: str, threads: int) -> None:
 
 
 def _train_in_worker(spec: RunSpec, key: str) -> str:
-    save_run(_WORKER["folder"], key, train_and_evaluate(spec, _WORKER["context"]))
+    train_and_save(spec, key, _WORKER["context"], _WORKER["folder"])
     return key
 
 
@@ -69,7 +69,7 @@ class RunExecutor:
                 todo[key] = spec
         if self.workers == 1 or len(todo) <= 1:
             for key, spec in todo.items():
-                save_run(self.folder, key, train_and_evaluate(spec, self.context))
+                train_and_save(spec, key, self.context, self.folder)
                 self._advance(spec)
         else:
             self._run_in_pool(todo)

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from ..evaluation import metrics_from_ranks, modality_gap, retrieval_ranks
@@ -28,7 +30,7 @@ from ..inference import embed_caption_dataset
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["RunSpec", "evaluate_split", "load_run", "run_key", "train_and_evaluate"]
+__all__ = ["RunSpec", "evaluate_split", "load_run", "run_key", "train_and_evaluate", "train_and_save"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,12 @@ def evaluate_split(model: Any, dataset: Any, processor: Any, *, batch_size: int 
 
 
 class KeepBestOnValidation(TrainerCallback):
-    """After every epoch: score the validation split; keep a copy of the weights with the best RSUM so far."""
+    """After every epoch: score the validation split; keep a copy of the weights with the best RSUM so far.
+
+    Its state (the validation history and the best epoch's weights and metrics) is saved with every checkpoint and
+    restored on resume, so a run resumed after a kill keeps the best epoch it had already seen."""
+
+    STATE_NAME = "study_keep_best.pt"
 
     def __init__(self, validation: Any, processor: Any, batch_size: int):
         self.validation, self.processor, self.batch_size = validation, processor, batch_size
@@ -125,7 +132,19 @@ class KeepBestOnValidation(TrainerCallback):
             self.best_rsum, self.best_epoch = metrics["rsum"], epoch
             self.best_state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
             self.best_metrics = metrics
+        if state.epoch is not None and state.epoch >= args.num_train_epochs - 1e-6:
+            control.should_save = False  # what is left after the last epoch is the test pass: nothing to resume
         return control
+
+    def save_checkpoint_state(self, folder: str) -> None:
+        torch.save({"history": self.history, "best_state": self.best_state, "best_epoch": self.best_epoch,
+                    "best_rsum": self.best_rsum, "best_metrics": self.best_metrics},
+                   Path(folder) / self.STATE_NAME)
+
+    def load_checkpoint_state(self, folder: str) -> None:
+        state = torch.load(Path(folder) / self.STATE_NAME, weights_only=True)
+        self.history, self.best_state, self.best_epoch = state["history"], state["best_state"], state["best_epoch"]
+        self.best_rsum, self.best_metrics = state["best_rsum"], state["best_metrics"]
 
 
 def _new_model(spec: RunSpec, context: RunContext) -> Any:
@@ -159,8 +178,12 @@ def _kmeans_sampler(model: Any, context: RunContext, seed: int):
     return sampler, [KMeansRefreshCallback(sampler, embed)]
 
 
-def train_and_evaluate(spec: RunSpec, context: RunContext) -> dict[str, Any]:
-    """Train ``spec`` in ``context``; returns the run record (see :func:`load_run`) and the test ranks."""
+def train_and_evaluate(spec: RunSpec, context: RunContext, work_dir: Path | None = None) -> dict[str, Any]:
+    """Train ``spec`` in ``context``; returns the run record (see :func:`load_run`) and the test ranks.
+
+    With a ``work_dir`` of its own, the run saves a checkpoint there after every epoch (the last one kept) and, when
+    one is there already, resumes from it: a study killed mid-run loses at most the epoch in progress. Without one
+    nothing is saved (and ``context.work_dir`` is only the Trainer's output folder)."""
     from ..cli import GapClipTrainingArguments
     from ..data import CaptionPairs, GapClipCollator
     from ..trainer import GapClipTrainer
@@ -185,9 +208,10 @@ def train_and_evaluate(spec: RunSpec, context: RunContext) -> dict[str, Any]:
             "lower --per_device_train_batch_size."
         )
     args = GapClipTrainingArguments(
-        output_dir=str(context.work_dir), num_train_epochs=spec.epochs, learning_rate=spec.learning_rate,
+        output_dir=str(work_dir or context.work_dir), num_train_epochs=spec.epochs, learning_rate=spec.learning_rate,
         per_device_train_batch_size=context.batch_size, weight_decay=context.weight_decay,
-        warmup_steps=context.warmup_ratio, seed=spec.seed, eval_strategy="no", save_strategy="no",
+        warmup_steps=context.warmup_ratio, seed=spec.seed, eval_strategy="no",
+        save_strategy="epoch" if work_dir else "no", save_total_limit=1,
         load_best_model_at_end=False, logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_pin_memory=False, use_cpu=context.use_cpu, metric_for_best_model=None,
     )
@@ -197,8 +221,11 @@ def train_and_evaluate(spec: RunSpec, context: RunContext) -> dict[str, Any]:
     )
     trainer.remove_callback(PrinterCallback)  # a study prints its tables, not every run's training summary
     diverged = None
+    checkpoint = get_last_checkpoint(str(work_dir)) if work_dir is not None and Path(work_dir).is_dir() else None
+    if checkpoint is not None:
+        logger.warning(f"Run {spec.label!r}: resuming from {checkpoint}.")
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=checkpoint)
     except RuntimeError as error:  # the non-finite guard stopped the run: a result, not a crash of the study
         if "non-finite" not in str(error):
             raise
@@ -223,6 +250,14 @@ def train_and_evaluate(spec: RunSpec, context: RunContext) -> dict[str, Any]:
     record["torch_threads"] = torch.get_num_threads()
     trainer.accelerator.free_memory()
     return {"record": record, "ranks": ranks}
+
+
+def train_and_save(spec: RunSpec, key: str, context: RunContext, folder: Path) -> None:
+    """Train ``spec`` (resuming its checkpoint under ``context.work_dir / key`` if a killed study left one), save
+    its record and ranks in ``folder``, then delete the checkpoint."""
+    work_dir = Path(context.work_dir) / key
+    save_run(folder, key, train_and_evaluate(spec, context, work_dir))
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def save_run(folder: Path, key: str, result: dict[str, Any]) -> None:
