@@ -383,6 +383,8 @@ class MethodStudy:
             logger.warning(
                 f"Study, {regime} regime: {total} runs ({total - todo} already done); about {estimate / 60:.0f} min "
                 "for the rest on this machine (from a timed training step and evaluation; terms add up to ~30 %)."
+                + (" Until the selection runs have scores, both are lower bounds: the grid extensions and search "
+                   "rounds their scores call for are not counted." if todo else "")
             )
             yield regime, context, available, folder, {"runs": total, "to_do": todo, "estimated_seconds": estimate}
 
