@@ -68,9 +68,10 @@ def test_benchmark_smoke(script, tmp_path, monkeypatch):
         assert set(data["chunk_summary"]) == {"8", "16"} and data["chunk_summary"]["16"]["fitted_exponent"] is None
 
 
-def test_bench_memory_refuses_a_chunk_of_no_rows():
+def test_bench_memory_refuses_a_chunk_of_no_rows(tmp_path):
     with pytest.raises(SystemExit, match="--chunk takes a positive number of rows, got 0"):
-        _load("bench_memory").main(["--smoke", "--chunk", "0"])
+        _load("bench_memory").main(["--smoke", "--chunk", "0", "--output", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
 
 
 def test_run_all_combines(tmp_path, monkeypatch):
