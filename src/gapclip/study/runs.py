@@ -181,9 +181,10 @@ def _kmeans_sampler(model: Any, context: RunContext, seed: int):
 def train_and_evaluate(spec: RunSpec, context: RunContext, work_dir: Path | None = None) -> dict[str, Any]:
     """Train ``spec`` in ``context``; returns the run record (see :func:`load_run`) and the test ranks.
 
-    With a ``work_dir`` of its own, the run saves a checkpoint there after every epoch (the last one kept) and, when
-    one is there already, resumes from it: a study killed mid-run loses at most the epoch in progress. Without one
-    nothing is saved (and ``context.work_dir`` is only the Trainer's output folder)."""
+    With a ``work_dir`` of its own, the run saves a checkpoint there after every epoch but the last (only the latest
+    kept; after the last epoch only the test pass is left) and, when one is there already, resumes from it: a study
+    killed mid-run loses at most the epoch in progress. Without one nothing is saved (and ``context.work_dir`` is
+    only the Trainer's output folder)."""
     from ..cli import GapClipTrainingArguments
     from ..data import CaptionPairs, GapClipCollator
     from ..trainer import GapClipTrainer
