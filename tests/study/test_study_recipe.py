@@ -70,7 +70,10 @@ def test_smoke_study_writes_every_method_with_seeds_mean_std_and_comparison(smok
         assert len(selection["weights"]) == 8
         for sel in selection["learning_rate"].values():  # 2 grid values, one always best at an end: one more step
             assert len(sel["validation_rsum"]) == 3
+    # the command that made the study, so that its folder can be replayed (tests/study/test_committed_results.py)
+    assert saved["command"] == f"python recipes/study_methods.py --smoke --output_dir {out} --disable_tqdm true"
     table = (out / "study.md").read_text()
+    assert f"Command: `{saved['command']}`" in table
     assert "## Regime: pretrained" in table and "## Regime: scratch" in table
     assert "| InfoNCE baseline | 2 |" in table and "ΔRSUM [95% CI]" in table
 

@@ -120,6 +120,8 @@ def write_reports(study: Any, results: dict[str, Any], started: float) -> None:
         "bootstrap_resamples": study.settings.bootstrap_resamples,
     }
     results["data"] = {k: v for k, v in vars(study.data_args).items() if v is not None}
+    if getattr(study, "command", None):
+        results["command"] = study.command
     results["machine"] = _machine()
     results["wall_seconds"] = round(time.time() - started, 1)
     out = Path(study.output_dir)
@@ -168,6 +170,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{results['machine']['cpus']} CPUs "
         f"(torch {results['machine']['torch']}, load average {results['machine']['load_average_at_write']})."
     )
+    if results.get("command"):
+        lines += ["", f"Command: `{results['command']}`"]
     lines += [
         "",
         "ΔRSUM: method minus its baseline (same base loss), on seed-averaged per-query hits, with a 95 % paired "

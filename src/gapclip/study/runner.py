@@ -162,9 +162,10 @@ class MethodStudy:
 
     def __init__(
         self, settings: StudySettings, data_args: Any, output_dir: str | Path, *, show_progress: bool = True,
-        workers: int | None = None,
+        workers: int | None = None, command: str | None = None,
     ):
         self.settings = settings
+        self.command = command  # the command line that made the study, written into its reports
         self.data_args = data_args
         self.output_dir = Path(output_dir)
         self.show_progress = show_progress

@@ -1,0 +1,76 @@
+"""The study folders under ``study_results/`` (behind the README's tables) are read back by today's code.
+
+Each folder holds a study's ``study.json``/``study.md`` and its ``runs/`` (one record and the per-query ranks of every
+run). Rerunning the command recorded in ``study.json`` into a copy of the folder must train nothing and give back the
+same tables: a change to the cache keys, the data, the selection logic or the statistics that would silently detach
+the README's figures from the code fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .test_study_recipe import _study_recipe
+
+RESULTS = Path(__file__).resolve().parents[2] / "study_results"
+FOLDERS = sorted(path.parent for path in RESULTS.glob("*/study.json"))
+
+
+def replay_argv(command: str, output_dir: Path) -> list[str]:
+    """The arguments of a recorded ``python recipes/study_methods.py ...`` command, writing into ``output_dir``."""
+    words = shlex.split(command)
+    assert words[:2] == ["python", "recipes/study_methods.py"], command
+    argv, skip = [], False
+    for word in words[2:]:
+        if skip:
+            skip = False
+        elif word in ("--output_dir", "--output-dir"):
+            skip = True
+        elif not word.startswith(("--output_dir=", "--output-dir=")):
+            argv.append(word)
+    return [*argv, "--output_dir", str(output_dir), "--disable_tqdm", "true"]
+
+
+def test_replay_argv_swaps_the_output_folder_in_either_spelling(tmp_path):
+    for flag in ("--output_dir /work/x", "--output-dir /work/x", "--output_dir=/work/x"):
+        argv = replay_argv(f"python recipes/study_methods.py --regime scratch {flag} --variants '+CSA;+USA'", tmp_path)
+        assert argv == ["--regime", "scratch", "--variants", "+CSA;+USA", "--output_dir", str(tmp_path),
+                        "--disable_tqdm", "true"]
+
+
+def test_study_results_are_committed_with_their_runs():
+    assert FOLDERS, f"no study.json under {RESULTS}"
+    for folder in FOLDERS:
+        saved = json.loads((folder / "study.json").read_text())
+        assert saved["command"].startswith("python recipes/study_methods.py "), folder
+        for regime, section in saved["regimes"].items():
+            records = list((folder / "runs" / regime).glob("*.json"))
+            assert len(records) == section["run_count"], f"{folder}: runs/{regime} is incomplete"
+            assert not (folder / "work").exists(), f"{folder}: a run's checkpoints were committed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda path: path.name)
+def test_a_committed_study_is_read_back_without_training(folder, tmp_path, monkeypatch):
+    import gapclip.study.pool as pool
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"{folder.name}: a committed run is not found under today's cache key")
+
+    monkeypatch.setattr(pool, "train_and_save", no_training)
+    monkeypatch.setattr(pool.RunExecutor, "_run_in_pool", no_training)
+    saved = json.loads((folder / "study.json").read_text())
+    out = tmp_path / folder.name
+    shutil.copytree(folder / "runs", out / "runs")
+    again = _study_recipe().main(replay_argv(saved["command"], out))
+    assert set(again["regimes"]) == set(saved["regimes"])
+    for regime, section in saved["regimes"].items():
+        replayed = json.loads(json.dumps(again["regimes"][regime], default=str))
+        assert replayed["plan"]["to_do"] == 0
+        assert replayed["selection"] == section["selection"]
+        assert replayed["methods"] == section["methods"]
