@@ -36,6 +36,9 @@ def test_scaling_flags_train_like_the_plain_run_on_two_processes(tiny_demo_root,
         weights = load_file(str(tmp_path / f"{variant}.safetensors"))
         assert set(weights) == set(reference)
         for name, value in reference.items():
-            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=f"{variant}: {name}")
+            # float32 sums in another order (chunked vs whole-batch kernels, which differ from one CPU to the next)
+            # grow through 2 steps at lr 0.5: 3.4e-6 at most on an AMD EPYC, where 1e-6 failed; the updates
+            # themselves are 0.26 (median tensor) to 2.9, so a wrong gradient is still far outside 2e-5.
+            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=2e-5, msg=f"{variant}: {name}")
         losses = json.loads((tmp_path / f"{variant}.json").read_text())
         assert losses == pytest.approx(reference_losses, rel=1e-5), variant
