@@ -165,10 +165,10 @@ def build_study(argv: list[str] | None = None) -> tuple[MethodStudy, StudyArgume
     if data_args.dataset == "demo":
         data_args = dataclasses.replace(data_args, demo_image_size=settings.image_size)
     workers = study_args.workers if study_args.workers is not None else (1 if study_args.smoke else None)
-    command = "python recipes/study_methods.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "recipes/study_methods.py", *(sys.argv[1:] if argv is None else argv)])
     study = MethodStudy(
         settings, data_args, study_args.output_dir, show_progress=not study_args.disable_tqdm, workers=workers,
-        command=command.rstrip(),
+        command=command,
     )
     return study, study_args
 

@@ -48,10 +48,10 @@ def test_study_results_are_committed_with_their_runs():
     for folder in FOLDERS:
         saved = json.loads((folder / "study.json").read_text())
         assert saved["command"].startswith("python recipes/study_methods.py "), folder
+        assert not (folder / "work").exists(), f"{folder}: a run's checkpoints were committed"
         for regime, section in saved["regimes"].items():
             records = list((folder / "runs" / regime).glob("*.json"))
             assert len(records) == section["run_count"], f"{folder}: runs/{regime} is incomplete"
-            assert not (folder / "work").exists(), f"{folder}: a run's checkpoints were committed"
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def write_reports(study: Any, results: dict[str, Any], started: float) -> None:
         "bootstrap_resamples": study.settings.bootstrap_resamples,
     }
     results["data"] = {k: v for k, v in vars(study.data_args).items() if v is not None}
-    if getattr(study, "command", None):
+    if study.command:
         results["command"] = study.command
     results["machine"] = _machine()
     results["wall_seconds"] = round(time.time() - started, 1)
