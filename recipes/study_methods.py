@@ -16,6 +16,9 @@ cached in ``OUTPUT_DIR/runs``, so an interrupted study resumes.
         --image_root flickr30k-images --translations translations.jsonl --model_name_or_path PATH --output_dir out
     python recipes/study_methods.py --smoke --output_dir /tmp/study                # tiny sizes, a few minutes
     python recipes/study_methods.py --stop_after epochs --output_dir outputs/study  # only the schedule lengths
+    python recipes/study_methods.py --regime pretrained --variants "DIAS (full: K-means batches, sparse)" \\
+        --pretrained_epochs 32 --pretrained_learning_rates 3e-4 --max_grid_extensions 0 \\
+        --fixed_weights dias_dim=1,dias_inter=0.0005,dias_intra=0.01 --output_dir out  # one row, earlier weights
 
 Without ``--model_name_or_path`` the pretrained start is the demo CLIP of ``recipes/pretrain_demo.py`` (made on
 first use). ``--dry_run`` prints the plan and its estimated run time without training. On a GPU, ``--device cuda``
@@ -61,6 +64,22 @@ def _whole_numbers(text: str, option: str) -> tuple[int, ...]:
     return tuple(int(value) for value in values)
 
 
+def _term_weights(text: str | None) -> dict[str, float]:
+    weights = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value) if sep else float("nan")
+        except ValueError:
+            weights[name.strip()] = float("nan")
+        if not weights[name.strip()] > 0:
+            raise ValueError(f"--fixed_weights takes 'term=weight' pairs with positive weights, separated by ',' "
+                             f"(e.g. 'dias_dim=1,dias_intra=0.01'); {part.strip()!r} is not one.")
+    return weights
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())
@@ -101,6 +120,11 @@ class StudyArguments:
                           "default: run everything."},
     )
     weight_factors: str = field(default="0.1,1,10", metadata={"help": "Stage 2 tries paper weight × each factor."})
+    fixed_weights: str | None = field(
+        default=None,
+        metadata={"help": "Terms whose weight is given, not selected (no stage-2 runs for them), e.g. "
+                          "'dias_dim=1,dias_inter=0.0005': to rerun rows at the weights an earlier study selected."},
+    )
     max_grid_extensions: int = field(
         default=2, metadata={"help": "A grid whose best value is at an end grows one step that way, this many times."}
     )
@@ -147,6 +171,7 @@ class StudyArguments:
             stop_after=self.stop_after,
             variant_names=tuple(name.strip() for name in (self.variants or "").split(";") if name.strip()),
             weight_factors=_floats(self.weight_factors, "weight_factors"),
+            fixed_weights=_term_weights(self.fixed_weights),
             max_grid_extensions=self.max_grid_extensions, coordinate_rounds=self.coordinate_rounds,
             batch_size=self.per_device_train_batch_size, scratch_width=self.scratch_width,
             scratch_layers=self.scratch_layers, image_size=self.image_size,

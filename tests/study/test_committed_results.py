@@ -36,6 +36,30 @@ def replay_argv(command: str, output_dir: Path) -> list[str]:
     return [*argv, "--output_dir", str(output_dir), "--disable_tqdm", "true"]
 
 
+def stand_in_for_the_pretrained_start(saved: dict, monkeypatch) -> None:
+    """Look the pretrained regime's runs up under the context key they were saved with.
+
+    Making the demo pretrained start takes ~10 min of CPU, too long for a test, and its key depends on where the cache
+    lives; everything else in a run's key (the run's spec) and all selection and statistics still come from today's
+    code. The scratch regime builds its real context (the key of its word-level model and data)."""
+    import gapclip.study.context as context_module
+    from gapclip.study.runs import RunContext
+
+    real = context_module.build_context
+
+    def build_context(study, regime, datasets, teachers):
+        if regime != "pretrained":
+            return real(study, regime, datasets, teachers)
+        section = saved["regimes"][regime]
+        return RunContext(
+            regime=regime, train=datasets["train"], validation=datasets["validation"], test=datasets["test"],
+            processor=None, build_backbone=None, key=section["cache_key"], work_dir=study.output_dir / "work",
+            teachers=teachers, extra={"start": section["start"]},
+        )
+
+    monkeypatch.setattr(context_module, "build_context", build_context)
+
+
 def test_replay_argv_swaps_the_output_folder_in_either_spelling(tmp_path):
     for flag in ("--output_dir /work/x", "--output-dir /work/x", "--output_dir=/work/x"):
         argv = replay_argv(f"python recipes/study_methods.py --regime scratch {flag} --variants '+CSA;+USA'", tmp_path)
@@ -52,6 +76,7 @@ def test_study_results_are_committed_with_their_runs():
         for regime, section in saved["regimes"].items():
             records = list((folder / "runs" / regime).glob("*.json"))
             assert len(records) == section["run_count"], f"{folder}: runs/{regime} is incomplete"
+            assert regime != "pretrained" or section.get("cache_key"), f"{folder}: no cache_key to read it back by"
 
 
 @pytest.mark.slow
@@ -65,6 +90,7 @@ def test_a_committed_study_is_read_back_without_training(folder, tmp_path, monke
     monkeypatch.setattr(pool, "train_and_save", no_training)
     monkeypatch.setattr(pool.RunExecutor, "_run_in_pool", no_training)
     saved = json.loads((folder / "study.json").read_text())
+    stand_in_for_the_pretrained_start(saved, monkeypatch)
     out = tmp_path / folder.name
     shutil.copytree(folder / "runs", out / "runs")
     again = _study_recipe().main(replay_argv(saved["command"], out))

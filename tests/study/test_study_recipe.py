@@ -112,6 +112,36 @@ def test_a_rerun_trains_nothing_and_gives_the_same_study(smoke_study, monkeypatc
 
 
 @pytest.mark.slow
+def test_a_pretrained_regime_is_read_back_by_its_saved_key_without_its_start(smoke_study, monkeypatch, tmp_path):
+    """How tests/study/test_committed_results.py reads back a committed pretrained study: nothing is made or
+    trained, and the tables come out the same."""
+    import shutil
+
+    import gapclip.study.context as context_module
+    import gapclip.study.pool as pool
+
+    from .test_committed_results import stand_in_for_the_pretrained_start
+
+    out, results = smoke_study
+    saved = json.loads((out / "study.json").read_text())
+
+    def unavailable(*args, **kwargs):
+        raise AssertionError("the start model was made, or a run trained")
+
+    for target, name in ((context_module, "_pretrained_start"), (pool, "train_and_save"),
+                         (pool.RunExecutor, "_run_in_pool")):
+        monkeypatch.setattr(target, name, unavailable)
+    stand_in_for_the_pretrained_start(saved, monkeypatch)
+    shutil.copytree(out / "runs", tmp_path / "runs")
+    again = _study_recipe().main(["--smoke", "--regime", "pretrained", "--output_dir", str(tmp_path),
+                                  "--disable_tqdm", "true"])
+    section = again["regimes"]["pretrained"]
+    assert section["plan"]["to_do"] == 0 and section["cache_key"] == saved["regimes"]["pretrained"]["cache_key"]
+    assert section["methods"] == results["regimes"]["pretrained"]["methods"]
+    assert section["selection"] == results["regimes"]["pretrained"]["selection"]
+
+
+@pytest.mark.slow
 def test_study_on_a_karpathy_json_without_translations_skips_gst(tiny_demo_root, tmp_path):
     results = _study_recipe().main([
         "--smoke", "--regime", "scratch", "--families", "LG-MGC", "--output_dir", str(tmp_path), "--disable_tqdm",
@@ -143,3 +173,21 @@ def test_search_flags_reach_the_settings(tmp_path):
     assert default.settings().coordinate_rounds == 3
     with pytest.raises(ValueError, match="coordinate_rounds"):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--coordinate_rounds", "0"])[0].settings()
+
+
+def test_fixed_weights_are_parsed_into_the_settings(tmp_path):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((_study_recipe().StudyArguments, _study_recipe().DataArguments))
+
+    def settings(*argv):
+        return parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), *argv])[0].settings()
+
+    assert settings().fixed_weights == {}
+    assert settings("--fixed_weights", "dias_dim=1, dias_inter=5e-4,").fixed_weights == {
+        "dias_dim": 1.0, "dias_inter": 0.0005}
+    for bad in ("dias_dim", "dias_dim=x", "dias_dim=-1", "dias_dim=0"):
+        with pytest.raises(ValueError, match=r"^--fixed_weights takes 'term=weight' pairs"):
+            settings("--fixed_weights", bad)
+    with pytest.raises(ValueError, match="unknown terms"):
+        settings("--fixed_weights", "dim=1")

@@ -131,6 +131,42 @@ def test_named_variants_run_alone_with_the_baselines_of_their_base_losses(tmp_pa
     assert set(outcome["runs"]) == {"InfoNCE baseline", "Triplet baseline", "+L_intra (sparse)", "+CSA"}
 
 
+def test_fixed_weights_train_no_sweep_and_reach_every_row_that_uses_the_term(tmp_path):
+    """--fixed_weights: a rerun of the full DIAS at the weights an earlier study selected for each of its terms (at
+    different factors of their paper weights) trains the baseline and the row only, with exactly those weights."""
+    fixed = {"dias_dim": 1.0, "dias_inter": 0.0005, "dias_intra": 0.01}
+    settings = StudySettings(regimes=("pretrained",), seeds=3,
+                             variant_names=("DIAS (full: K-means batches, sparse)", "DIAS, random batches"),
+                             learning_rates={"pretrained": (3e-4,), "scratch": (1e-3,)},
+                             epochs={"pretrained": 32, "scratch": 5}, fixed_weights=fixed, max_grid_extensions=0)
+    study = MethodStudy(settings, data_args=None, output_dir=tmp_path)
+    fetch, asked = _scored_fetch(lambda spec: 100.0 + sum(weight for _, weight, _ in spec.gap_terms))
+    outcome = study._stages("pretrained", {"translation", "teacher"}, fetch)
+    # stages 0 and 1: the triplet baseline's one run (asked twice); no stage-2 batch; stage 3: 3 + 3 + 1 runs
+    assert [len(batch) for batch in asked] == [1, 1, 7]
+    assert outcome["weights"] == fixed
+    for spec in asked[-1]:
+        weights = {name: weight for name, weight, _ in spec.gap_terms}
+        assert weights == ({} if spec.label.startswith("pretrained: Triplet") else fixed), spec.label
+    assert {spec.sampler for spec in asked[-1] if spec.gap_terms} == {"kmeans", "random"}
+    chosen = outcome["selection"]["weights"]["dias_inter"]
+    assert chosen["selected"] == 0.0005 and chosen["fixed"] and chosen["validation_rsum"] == {}
+    # a term that is not fixed is still swept, next to one that is
+    mixed = MethodStudy(replace(settings, variant_names=("+CSA", "+L_intra (sparse)"), fixed_weights={"csa": 10.0},
+                                weight_factors=(1.0, 10.0)), data_args=None, output_dir=tmp_path)
+    fetch, asked = _scored_fetch(lambda spec: 100.0 - sum(weight for _, weight, _ in spec.gap_terms))
+    outcome = mixed._stages("pretrained", {"translation", "teacher"}, fetch)
+    assert [sorted(w for _, w, _ in s.gap_terms) for s in asked[2]] == [[0.1], [1.0]]  # only dias_intra's grid
+    assert outcome["weights"] == {"dias_intra": 0.1, "csa": 10.0}
+    section = {"run_count": 0, "run_seconds": 0.0, "wall_seconds": 0.0, "stopped_after": "weights",
+               "selection": outcome["selection"], "methods": {}, "weight_factors": [1.0, 10.0]}
+    text = render_markdown({"settings": {"seeds": 3, "batch_size": 8}, "data": {}, "wall_seconds": 0.0,
+                            "machine": {"cpus": 2, "torch": "x", "load_average_at_write": None},
+                            "regimes": {"pretrained": section}})
+    assert "- csa: **10**, given (`--fixed_weights`), not selected in this study (paper: *0.1*)" in text
+    assert "- dias_intra: *0.1*: 99.9, 1: 99.0 → **0.1**" in text
+
+
 def test_a_grid_whose_best_value_is_at_an_end_grows_that_way():
     study = MethodStudy(StudySettings(max_grid_extensions=2), data_args=None, output_dir="unused")
     scores = {1e-4: 10.0, 3e-4: 12.0, 9e-4: 14.0, 2.7e-3: 15.0, 8.1e-3: 11.0, 0.5: 1.0, 5.0: 2.0, 50.0: 3.0,
@@ -294,7 +330,9 @@ def test_a_whole_number_grid_never_grows_below_one():
      ({"weight_factors": (0.0,)}, "weight_factors"), ({"epochs": {"pretrained": 0, "scratch": 1}}, "epochs"),
      ({"epochs": {"pretrained": (1, 2.5), "scratch": 1}}, "epochs"), ({"stop_after": "test"}, "stop_after"),
      ({"max_grid_extensions": -1}, "max_grid_extensions"), ({"variant_names": ("+CSB",)}, "variant_names"),
-     ({"coordinate_rounds": 0}, "coordinate_rounds"), ({"coordinate_rounds": 1.5}, "coordinate_rounds")],
+     ({"coordinate_rounds": 0}, "coordinate_rounds"), ({"coordinate_rounds": 1.5}, "coordinate_rounds"),
+     ({"fixed_weights": {"dias_full": 1.0}}, r"fixed_weights: unknown terms \['dias_full'\]"),
+     ({"fixed_weights": {"csa": 0.0}}, "fixed_weights must be positive")],
 )
 def test_bad_settings_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -77,6 +77,7 @@ def summarise_regime(
         methods[variant.name] = entry
     return {
         "start": context.extra.get("start"),
+        "cache_key": context.key,  # the context part of every run's key (runs/<regime>/<run key>.json)
         "epoch_grid": list(study.settings.epochs[regime]),
         "epochs": outcome["epochs"],
         "stopped_after": study.settings.stop_after,
@@ -219,6 +220,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         if section["selection"]["weights"]:
             lines += ["", "Term weights (stage 2, validation RSUM of each weight, seed 0; paper weight in italics):", ""]
             for name, sel in section["selection"]["weights"].items():
+                if sel.get("fixed"):
+                    lines.append(f"- {name}: **{sel['selected']:g}**, given (`--fixed_weights`), not selected in this "
+                                 f"study (paper: *{sel['paper']:g}*)")
+                    continue
                 swept = [float(f"{sel['paper'] * f:g}") for f in section["weight_factors"]]
                 grid = ", ".join(
                     (f"*{w}*" if float(w) == sel["paper"] else w) + ("" if float(w) in swept else "†") + f": {_fmt(v)}"

@@ -70,6 +70,10 @@ class StudySettings:
         epochs: per regime, the schedule lengths (epochs of the cosine schedule) stage 0 chooses from; one value fixes
             the length (no stage 0). Each run keeps its best epoch on validation.
         weight_factors: stage 2 tries ``paper weight × factor`` for each factor.
+        fixed_weights: terms (sweep names, e.g. ``"dias_dim"``) whose weight is given, not selected: stage 2 trains
+            nothing for them and every variant uses the given weight. For reruns of chosen rows under other settings
+            with the weights an earlier study selected (a full method's terms were selected at different factors of
+            their paper weights, which one ``weight_factors`` value cannot express).
         max_grid_extensions: a schedule-length, learning-rate or weight grid whose best value is at an end grows by
             one more step that way, at most this many times.
         coordinate_rounds: rounds of stages 0-1 at most: after the first, while stage 1 moves the learning rate, the
@@ -88,6 +92,7 @@ class StudySettings:
     )
     epochs: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"pretrained": (1, 2, 4), "scratch": (5, 10)})
     weight_factors: tuple[float, ...] = (0.1, 1.0, 10.0)
+    fixed_weights: dict[str, float] = field(default_factory=dict)
     max_grid_extensions: int = 2
     coordinate_rounds: int = 3
     batch_size: int = 64
@@ -127,6 +132,12 @@ class StudySettings:
             raise ValueError(f"coordinate_rounds must be a whole number >= 1, got {self.coordinate_rounds!r}.")
         if not self.weight_factors or any(not f > 0 for f in self.weight_factors):
             raise ValueError(f"weight_factors must list positive numbers, got {self.weight_factors!r}.")
+        unknown = sorted(set(self.fixed_weights) - set(SWEEPS))
+        if unknown:
+            raise ValueError(f"fixed_weights: unknown terms {unknown}; the terms are {list(SWEEPS)}.")
+        bad = {name: w for name, w in self.fixed_weights.items() if isinstance(w, bool) or not float(w) > 0}
+        if bad:
+            raise ValueError(f"fixed_weights must be positive numbers, got {bad}.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         if self.stop_after not in STOP_AFTER:
@@ -219,19 +230,23 @@ class MethodStudy:
 
         # 2. weight of each term, alone on its base loss
         sweeps = self.needed_sweeps(available)
+        fixed = {name: float(settings.fixed_weights[name]) for name in sweeps if name in settings.fixed_weights}
         weights, grids = self._select(
-            {name: tuple(SWEEPS[name].paper_weight * f for f in settings.weight_factors) for name in sweeps},
+            {name: tuple(SWEEPS[name].paper_weight * f for f in settings.weight_factors)
+             for name in sweeps if name not in fixed},
             lambda name, weight: RunSpec.make(
                 f"{regime}: sweep {name} weight={weight:g}", SWEEPS[name].base, [SWEEPS[name].spec(weight)],
                 learning_rate=learning_rate[SWEEPS[name].base], epochs=epochs[SWEEPS[name].base], seed=0,
             ),
             fetch,
         )
+        weights.update(fixed)
         for name in sweeps:
             sweep = SWEEPS[name]
             selection["weights"][name] = {
                 "selected": weights[name], "paper": sweep.paper_weight, "source": sweep.source,
-                "validation_rsum": {f"{w:g}": _val(r) for w, r in sorted(grids[name].items())},
+                **({"fixed": True} if name in fixed else {}),
+                "validation_rsum": {f"{w:g}": _val(r) for w, r in sorted(grids.get(name, {}).items())},
                 "baseline_validation_rsum": selection["learning_rate"][sweep.base]["validation_rsum"][
                     f"{learning_rate[sweep.base]:g}"],
             }
