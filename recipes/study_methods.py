@@ -66,17 +66,16 @@ def _whole_numbers(text: str, option: str) -> tuple[int, ...]:
 
 def _term_weights(text: str | None) -> dict[str, float]:
     weights = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.partition("=")
+    for part in filter(str.strip, (text or "").split(",")):
+        name, _, value = part.partition("=")
         try:
-            weights[name.strip()] = float(value) if sep else float("nan")
+            weight = float(value)  # no '=' leaves value empty, which float() rejects too
         except ValueError:
-            weights[name.strip()] = float("nan")
-        if not weights[name.strip()] > 0:
+            weight = 0.0
+        if not weight > 0:  # also rejects 'nan'
             raise ValueError(f"--fixed_weights takes 'term=weight' pairs with positive weights, separated by ',' "
                              f"(e.g. 'dias_dim=1,dias_intra=0.01'); {part.strip()!r} is not one.")
+        weights[name.strip()] = weight
     return weights
 
 
