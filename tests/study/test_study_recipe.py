@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -142,12 +143,16 @@ def test_a_pretrained_regime_is_read_back_by_its_saved_key_without_its_start(smo
 
 
 @pytest.mark.slow
-def test_study_on_a_karpathy_json_without_translations_skips_gst(tiny_demo_root, tmp_path):
-    results = _study_recipe().main([
-        "--smoke", "--regime", "scratch", "--families", "LG-MGC", "--output_dir", str(tmp_path), "--disable_tqdm",
-        "true", "--dataset", "karpathy", "--karpathy_json", str(tiny_demo_root / "dataset_demo.json"),
-        "--image_root", str(tiny_demo_root / "images"),
-    ])
+def test_study_on_a_karpathy_json_without_translations_skips_gst(tiny_demo_root, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="gapclip.study.runner"):
+        results = _study_recipe().main([
+            "--smoke", "--regime", "scratch", "--families", "LG-MGC", "--output_dir", str(tmp_path), "--disable_tqdm",
+            "true", "--dataset", "karpathy", "--karpathy_json", str(tiny_demo_root / "dataset_demo.json"),
+            "--image_root", str(tiny_demo_root / "images"), "--fixed_weights", "gst=0.1",
+        ])
+    # a weight given for the skipped term is named, not silently dropped
+    assert any("--fixed_weights: no variant this study runs on this data uses ['gst']" in record.getMessage()
+               for record in caplog.records)
     methods = results["regimes"]["scratch"]["methods"]
     assert "+LSC (concat)" in methods and not any("GST" in name for name in methods)
     assert "translation" in results["skipped"]["+GST (InfoNCE)"]

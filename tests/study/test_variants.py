@@ -149,6 +149,7 @@ def test_fixed_weights_train_no_sweep_and_reach_every_row_that_uses_the_term(tmp
         weights = {name: weight for name, weight, _ in spec.gap_terms}
         assert weights == ({} if spec.label.startswith("pretrained: Triplet") else fixed), spec.label
     assert {spec.sampler for spec in asked[-1] if spec.gap_terms} == {"kmeans", "random"}
+    assert study.unused_fixed_weights({"translation", "teacher"}) == []
     chosen = outcome["selection"]["weights"]["dias_inter"]
     assert chosen["selected"] == 0.0005 and chosen["fixed"] and chosen["validation_rsum"] == {}
     # a term that is not fixed is still swept, next to one that is
@@ -158,6 +159,11 @@ def test_fixed_weights_train_no_sweep_and_reach_every_row_that_uses_the_term(tmp
     outcome = mixed._stages("pretrained", {"translation", "teacher"}, fetch)
     assert [sorted(w for _, w, _ in s.gap_terms) for s in asked[2]] == [[0.1], [1.0]]  # only dias_intra's grid
     assert outcome["weights"] == {"dias_intra": 0.1, "csa": 10.0}
+    # a fixed term no chosen row uses (or one whose row the data cannot run: CSA needs the teacher) is reported
+    unused = MethodStudy(replace(settings, variant_names=("+CSA",), fixed_weights={"csa": 10.0, "dias_dim": 1.0}),
+                         data_args=None, output_dir=tmp_path)
+    assert unused.unused_fixed_weights({"translation", "teacher"}) == ["dias_dim"]
+    assert unused.unused_fixed_weights({"translation"}) == ["csa", "dias_dim"]
     section = {"run_count": 0, "run_seconds": 0.0, "wall_seconds": 0.0, "stopped_after": "weights",
                "selection": outcome["selection"], "methods": {}, "weight_factors": [1.0, 10.0]}
     text = render_markdown({"settings": {"seeds": 3, "batch_size": 8}, "data": {}, "wall_seconds": 0.0,

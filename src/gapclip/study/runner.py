@@ -195,6 +195,10 @@ class MethodStudy:
         used = {use.sweep for v in self.available_variants(available) for use in v.terms}
         return [name for name in SWEEPS if name in used]
 
+    def unused_fixed_weights(self, available: set[str]) -> list[str]:
+        """The ``fixed_weights`` terms that no variant this study runs on its data uses (their weights do nothing)."""
+        return sorted(set(self.settings.fixed_weights) - set(self.needed_sweeps(available)))
+
     def seeds_of(self, variant: Variant) -> list[int]:
         return list(range(self.settings.seeds)) if variant.main else [0]
 
@@ -390,6 +394,12 @@ class MethodStudy:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         datasets = load_study_data(self.data_args)
         available, teachers, self.skipped = study_inputs(self, datasets)
+        unused = self.unused_fixed_weights(available)
+        if unused:
+            logger.warning(
+                f"--fixed_weights: no variant this study runs on this data uses {unused}, so their weights are ignored "
+                f"(the variants' terms: {self.needed_sweeps(available)}). Check --variants and the term names."
+            )
         for regime in self.settings.regimes:
             context = build_context(self, regime, datasets, teachers)
             folder = self.output_dir / "runs" / regime
