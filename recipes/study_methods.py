@@ -19,6 +19,8 @@ cached in ``OUTPUT_DIR/runs``, so an interrupted study resumes.
     python recipes/study_methods.py --regime pretrained --variants "DIAS (full: K-means batches, sparse)" \\
         --pretrained_epochs 32 --pretrained_learning_rates 3e-4 --max_grid_extensions 0 \\
         --fixed_weights dias_dim=1,dias_inter=0.0005,dias_intra=0.01 --output_dir out  # one row, earlier weights
+    python recipes/study_methods.py --regime pretrained --variants "+CSA" --pretrained_epochs 32 \
+        --pretrained_learning_rates 1e-4,3e-4,9e-4 --weight_centres csa=10 --output_dir out  # reselect around 10
 
 Without ``--model_name_or_path`` the pretrained start is the demo CLIP of ``recipes/pretrain_demo.py`` (made on
 first use). ``--dry_run`` prints the plan and its estimated run time without training. On a GPU, ``--device cuda``
@@ -64,7 +66,7 @@ def _whole_numbers(text: str, option: str) -> tuple[int, ...]:
     return tuple(int(value) for value in values)
 
 
-def _term_weights(text: str | None) -> dict[str, float]:
+def _term_weights(text: str | None, option: str) -> dict[str, float]:
     weights = {}
     for part in filter(str.strip, (text or "").split(",")):
         name, _, value = part.partition("=")
@@ -73,7 +75,7 @@ def _term_weights(text: str | None) -> dict[str, float]:
         except ValueError:
             weight = 0.0
         if not weight > 0:  # also rejects 'nan'
-            raise ValueError(f"--fixed_weights takes 'term=weight' pairs with positive weights, separated by ',' "
+            raise ValueError(f"--{option} takes 'term=weight' pairs with positive weights, separated by ',' "
                              f"(e.g. 'dias_dim=1,dias_intra=0.01'); {part.strip()!r} is not one.")
         weights[name.strip()] = weight
     return weights
@@ -124,6 +126,12 @@ class StudyArguments:
         metadata={"help": "Terms whose weight is given, not selected (no stage-2 runs for them), e.g. "
                           "'dias_dim=1,dias_inter=0.0005': to rerun rows at the weights an earlier study selected."},
     )
+    weight_centres: str | None = field(
+        default=None,
+        metadata={"help": "Terms whose stage-2 grid is centred on this weight instead of the paper's (centre × each "
+                          "--weight_factors value), e.g. 'csa=10,usa=0.05': to select a weight again under other "
+                          "settings around the one an earlier study selected."},
+    )
     max_grid_extensions: int = field(
         default=2, metadata={"help": "A grid whose best value is at an end grows one step that way, this many times."}
     )
@@ -170,7 +178,8 @@ class StudyArguments:
             stop_after=self.stop_after,
             variant_names=tuple(name.strip() for name in (self.variants or "").split(";") if name.strip()),
             weight_factors=_floats(self.weight_factors, "weight_factors"),
-            fixed_weights=_term_weights(self.fixed_weights),
+            fixed_weights=_term_weights(self.fixed_weights, "fixed_weights"),
+            weight_centres=_term_weights(self.weight_centres, "weight_centres"),
             max_grid_extensions=self.max_grid_extensions, coordinate_rounds=self.coordinate_rounds,
             batch_size=self.per_device_train_batch_size, scratch_width=self.scratch_width,
             scratch_layers=self.scratch_layers, image_size=self.image_size,

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from gapclip.study.stats import cluster_bootstrap_rsum, mean_std, paired_seed_test, rsum_from_ranks, verdict
+from gapclip.study.stats import (
+    cluster_bootstrap_rsum, holm, mean_std, paired_seed_test, rsum_from_ranks, verdict,
+)
 
 
 def test_rsum_from_ranks_by_hand():
@@ -119,3 +121,30 @@ def test_verdict_needs_the_interval_and_the_seeds_to_agree():
 def test_mean_std():
     assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_holm_by_hand_and_its_invariants():
+    # sorted: b 0.01 (×4 = 0.04), d 0.02 (×3 = 0.06), a 0.03 (×2 = 0.06), c 0.04 (×1, but never below the last: 0.06)
+    adjusted = holm({"a": 0.03, "b": 0.01, "c": 0.04, "d": 0.02})
+    assert adjusted == pytest.approx({"a": 0.06, "b": 0.04, "c": 0.06, "d": 0.06})
+    assert holm({"a": 0.3, "b": 0.5}) == pytest.approx({"a": 0.6, "b": 0.6})  # capped by the running maximum
+    assert holm({"a": 0.6, "b": 0.9}) == {"a": 1.0, "b": 1.0}  # and at 1
+    assert holm({"only": 0.02}) == {"only": 0.02} and holm({}) == {}
+    rng = np.random.default_rng(0)
+    p = dict(zip("abcdefgh", rng.uniform(0, 0.2, 8)))
+    adjusted = holm(p)
+    assert all(adjusted[k] >= p[k] for k in p)  # never below the raw p
+    order = sorted(p, key=p.get)
+    assert [adjusted[k] for k in order] == sorted(adjusted.values())  # monotone in the raw p
+    assert holm(dict(reversed(list(p.items())))) == adjusted  # independent of the input order
+    # at most as many rejections as Bonferroni's complement allows: Holm rejects everything Bonferroni rejects
+    assert {k for k in p if p[k] * len(p) < 0.05} <= {k for k in p if adjusted[k] < 0.05}
+
+
+def test_the_report_prints_a_holm_p_of_zero_as_the_bootstraps_resolution():
+    from gapclip.study.report import _holm_cell
+
+    assert _holm_cell({"p": 0.0, "family_size": 12}, 2000) == "<0.012"  # 12 × 2/2000: p = 0 means below 2/2000
+    assert _holm_cell({"p": 0.0, "family_size": 1}, 200) == "<0.010"
+    assert _holm_cell({"p": 0.0301, "family_size": 12}, 2000) == "0.030"
+    assert _holm_cell(None, 2000) == ""  # a comparison saved before the column existed

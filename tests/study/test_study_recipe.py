@@ -59,6 +59,8 @@ def test_smoke_study_writes_every_method_with_seeds_mean_std_and_comparison(smok
             assert vs["baseline"] == ("Triplet baseline" if entry["family"] == "DIAS" else "InfoNCE baseline")
             assert vs["rsum"]["verdict"] in ("gain", "loss", "no measurable difference")
             assert "diff" in vs["modality_gap"]["seeds"]
+            # Holm over the regime's 18 comparisons: never below the row's own bootstrap p
+            assert vs["rsum"]["holm"]["family_size"] == 18 and boot["p"] <= vs["rsum"]["holm"]["p"] <= 1.0
             # the comparison's point estimate is the mean of the per-seed RSUM differences
             base = methods[vs["baseline"]]["seeds"]
             per_seed = [entry["seeds"][s]["rsum"] - base[s]["rsum"] for s in entry["seeds"]]
@@ -76,7 +78,7 @@ def test_smoke_study_writes_every_method_with_seeds_mean_std_and_comparison(smok
     table = (out / "study.md").read_text()
     assert f"Command: `{saved['command']}`" in table
     assert "## Regime: pretrained" in table and "## Regime: scratch" in table
-    assert "| InfoNCE baseline | 2 |" in table and "ΔRSUM [95% CI]" in table
+    assert "| InfoNCE baseline | 2 |" in table and "| ΔRSUM [95% CI] | p (Holm) | p (seeds) |" in table
 
 
 @pytest.mark.slow
@@ -196,3 +198,7 @@ def test_fixed_weights_are_parsed_into_the_settings(tmp_path):
             settings("--fixed_weights", bad)
     with pytest.raises(ValueError, match="unknown terms"):
         settings("--fixed_weights", "dim=1")
+    assert settings().weight_centres == {}
+    assert settings("--weight_centres", "csa=10,usa=0.05").weight_centres == {"csa": 10.0, "usa": 0.05}
+    with pytest.raises(ValueError, match=r"^--weight_centres takes 'term=weight' pairs"):
+        settings("--weight_centres", "csa=")

@@ -149,7 +149,7 @@ def test_fixed_weights_train_no_sweep_and_reach_every_row_that_uses_the_term(tmp
         weights = {name: weight for name, weight, _ in spec.gap_terms}
         assert weights == ({} if spec.label.startswith("pretrained: Triplet") else fixed), spec.label
     assert {spec.sampler for spec in asked[-1] if spec.gap_terms} == {"kmeans", "random"}
-    assert study.unused_fixed_weights({"translation", "teacher"}) == []
+    assert study.unused_weight_terms({"translation", "teacher"}) == []
     chosen = outcome["selection"]["weights"]["dias_inter"]
     assert chosen["selected"] == 0.0005 and chosen["fixed"] and chosen["validation_rsum"] == {}
     # a term that is not fixed is still swept, next to one that is
@@ -162,8 +162,8 @@ def test_fixed_weights_train_no_sweep_and_reach_every_row_that_uses_the_term(tmp
     # a fixed term no chosen row uses (or one whose row the data cannot run: CSA needs the teacher) is reported
     unused = MethodStudy(replace(settings, variant_names=("+CSA",), fixed_weights={"csa": 10.0, "dias_dim": 1.0}),
                          data_args=None, output_dir=tmp_path)
-    assert unused.unused_fixed_weights({"translation", "teacher"}) == ["dias_dim"]
-    assert unused.unused_fixed_weights({"translation"}) == ["csa", "dias_dim"]
+    assert unused.unused_weight_terms({"translation", "teacher"}) == ["dias_dim"]
+    assert unused.unused_weight_terms({"translation"}) == ["csa", "dias_dim"]
     section = {"run_count": 0, "run_seconds": 0.0, "wall_seconds": 0.0, "stopped_after": "weights",
                "selection": outcome["selection"], "methods": {}, "weight_factors": [1.0, 10.0]}
     text = render_markdown({"settings": {"seeds": 3, "batch_size": 8}, "data": {}, "wall_seconds": 0.0,
@@ -171,6 +171,40 @@ def test_fixed_weights_train_no_sweep_and_reach_every_row_that_uses_the_term(tmp
                             "regimes": {"pretrained": section}})
     assert "- csa: **10**, given (`--fixed_weights`), not selected in this study (paper: *0.1*)" in text
     assert "- dias_intra: *0.1*: 99.9, 1: 99.0 → **0.1**" in text
+
+
+def test_weight_centres_move_a_terms_grid_to_an_earlier_selection_and_the_report_says_so(tmp_path):
+    """--weight_centres: a weight selected again (e.g. at a longer schedule) on ``centre × factors`` around the one an
+    earlier study chose, not around the paper's; other terms keep the paper-centred grid. Values are rounded to 12
+    significant digits (0.05 × 0.1 is 0.005, not 0.005000000000000001), and a grid end that wins still grows."""
+    settings = StudySettings(regimes=("pretrained",), seeds=2, variant_names=("+CSA", "+USA"),
+                             learning_rates={"pretrained": (3e-4,), "scratch": (1e-3,)},
+                             epochs={"pretrained": 32, "scratch": 5}, weight_factors=(0.1, 1.0, 10.0),
+                             weight_centres={"usa": 0.05}, max_grid_extensions=1)
+    study = MethodStudy(settings, data_args=None, output_dir=tmp_path)
+    assert study.weight_grid("usa") == (0.005, 0.05, 0.5)
+    assert study.weight_grid("csa") == tuple(0.1 * f for f in (0.1, 1.0, 10.0))  # the paper's 0.1, as before
+    # validation peaks at weight 0.05 for USA; CSA rises with its weight, so its grid grows once past 1
+    fetch, asked = _scored_fetch(lambda spec: 100.0 + sum(
+        (-abs(weight - 0.05) if name == "usa" else weight) for name, weight, _ in spec.gap_terms))
+    outcome = study._stages("pretrained", {"teacher"}, fetch)
+    assert [sorted(w for s in asked[2] for n, w, _ in s.gap_terms if n == "usa")] == [[0.005, 0.05, 0.5]]
+    assert [w for s in asked[3] for _, w, _ in s.gap_terms] == [10.0]  # CSA's one extension; USA's best is inside
+    assert outcome["weights"] == {"csa": 10.0, "usa": 0.05}
+    usa, csa = outcome["selection"]["weights"]["usa"], outcome["selection"]["weights"]["csa"]
+    assert usa["centre"] == 0.05 and usa["paper"] == 0.5 and "centre" not in csa
+    section = {"run_count": 0, "run_seconds": 0.0, "wall_seconds": 0.0, "stopped_after": "weights",
+               "selection": outcome["selection"], "methods": {}, "weight_factors": [0.1, 1.0, 10.0]}
+    text = render_markdown({"settings": {"seeds": 2, "batch_size": 8}, "data": {}, "wall_seconds": 0.0,
+                            "machine": {"cpus": 2, "torch": "x", "load_average_at_write": None},
+                            "regimes": {"pretrained": section}})
+    assert "- usa (grid around 0.05, `--weight_centres`): 0.005: 100.0, 0.05: 100.0, *0.5*: 99.5 → **0.05**" in text
+    assert "- csa: 0.01: 100.0, *0.1*: 100.1, 1: 101.0, 10†: 110.0 → **10**" in text
+    # a centre for a term no chosen row uses is reported like an unused fixed weight
+    unused = MethodStudy(replace(settings, variant_names=("+CSA",), weight_centres={"usa": 0.05, "gst": 0.1}),
+                         data_args=None, output_dir=tmp_path)
+    assert unused.unused_weight_terms({"teacher"}, "weight_centres") == ["gst", "usa"]
+    assert unused.unused_weight_terms({"teacher"}) == []
 
 
 def test_a_grid_whose_best_value_is_at_an_end_grows_that_way():
@@ -338,7 +372,11 @@ def test_a_whole_number_grid_never_grows_below_one():
      ({"max_grid_extensions": -1}, "max_grid_extensions"), ({"variant_names": ("+CSB",)}, "variant_names"),
      ({"coordinate_rounds": 0}, "coordinate_rounds"), ({"coordinate_rounds": 1.5}, "coordinate_rounds"),
      ({"fixed_weights": {"dias_full": 1.0}}, r"fixed_weights: unknown terms \['dias_full'\]"),
-     ({"fixed_weights": {"csa": 0.0}}, "fixed_weights must be positive")],
+     ({"fixed_weights": {"csa": 0.0}}, "fixed_weights must be positive"),
+     ({"weight_centres": {"dias_full": 1.0}}, r"weight_centres: unknown terms \['dias_full'\]"),
+     ({"weight_centres": {"csa": -1.0}}, "weight_centres must be positive"),
+     ({"fixed_weights": {"csa": 10.0}, "weight_centres": {"csa": 10.0, "usa": 0.05}},
+      r"\['csa'\]: a term's weight is either given \(fixed_weights\) or selected on a grid around a centre")],
 )
 def test_bad_settings_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):

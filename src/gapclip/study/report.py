@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .stats import cluster_bootstrap_rsum, mean_std, paired_seed_test, verdict
+from .stats import cluster_bootstrap_rsum, holm, mean_std, paired_seed_test, verdict
 
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "modality_gap")
 _HEADERS = ("i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "RSUM", "Gap")
@@ -75,6 +75,10 @@ def summarise_regime(
                     "modality_gap": {"seeds": seed_gap},
                 }
         methods[variant.name] = entry
+    # the regime's comparisons are one family: the more rows a study compares, the more reach p < 0.05 by chance
+    compared = {name: e["vs_baseline"]["rsum"]["bootstrap"]["p"] for name, e in methods.items() if e["vs_baseline"]}
+    for name, p in holm(compared).items():
+        methods[name]["vs_baseline"]["rsum"]["holm"] = {"p": p, "family_size": len(compared)}
     return {
         "start": context.extra.get("start"),
         "cache_key": context.key,  # the context part of every run's key (runs/<regime>/<run key>.json)
@@ -138,14 +142,15 @@ def _cell(mean: float, std: float, n: int, decimals: int) -> str:
 def _row(name: str, entry: dict[str, Any]) -> str:
     n = len(entry["seeds"])
     if not n:
-        return f"| {name} | 0 | " + " | ".join("diverged" for _ in METRICS) + " | | | | |"
+        return f"| {name} | 0 | " + " | ".join("diverged" for _ in METRICS) + " | | | | | |"
     cells = [_cell(entry["mean"][m], entry["std"][m], n, 3 if m == "modality_gap" else 1) for m in METRICS]
-    comparison = ["", "", "", ""]
+    comparison = ["", "", "", "", ""]
     vs = entry.get("vs_baseline")
     if vs:
         boot, seeds, gap = vs["rsum"]["bootstrap"], vs["rsum"]["seeds"], vs["modality_gap"]["seeds"]
         comparison = [
             f"{boot['diff']:+.1f} [{boot['ci_low']:+.1f}, {boot['ci_high']:+.1f}]",
+            _holm_cell(vs["rsum"].get("holm"), boot["num_resamples"]),
             "" if seeds["p"] is None else f"{seeds['p']:.3f}",
             f"{gap['diff']:+.3f}",
             vs["rsum"]["verdict"],
@@ -154,8 +159,16 @@ def _row(name: str, entry: dict[str, Any]) -> str:
     return f"| {name} | {n}{diverged} | " + " | ".join(cells + comparison) + " |"
 
 
+def _holm_cell(holm: dict[str, Any] | None, num_resamples: int) -> str:
+    if holm is None:
+        return ""
+    if holm["p"] == 0.0:  # no replicate crossed 0: p is below the bootstrap's resolution, 2 / resamples
+        return f"<{min(1.0, holm['family_size'] * 2.0 / num_resamples):.3f}"
+    return f"{holm['p']:.3f}"
+
+
 def _table(methods: dict[str, Any], names: list[str]) -> list[str]:
-    header = ["Method", "Seeds", *_HEADERS, "ΔRSUM [95% CI]", "p (seeds)", "ΔGap", "Verdict"]
+    header = ["Method", "Seeds", *_HEADERS, "ΔRSUM [95% CI]", "p (Holm)", "p (seeds)", "ΔGap", "Verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", "---:"] + ["---:"] * (len(header) - 2)) + "|"]
     return lines + [_row(name, methods[name]) for name in names]
 
@@ -176,10 +189,13 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "ΔRSUM: method minus its baseline (same base loss), on seed-averaged per-query hits, with a 95 % paired "
-        "cluster-bootstrap interval over test images (test-set noise). p (seeds): paired t-test of the per-seed RSUM "
-        "(training noise). Verdict: *gain*/*loss* only when the interval excludes 0 and every seed's difference has "
-        "the same sign; otherwise *no measurable difference*. ΔGap: mean per-seed difference of the modality gap "
-        "(negative = smaller gap).",
+        "cluster-bootstrap interval over test images (test-set noise); a row run on one seed is compared with its "
+        "baseline's first seed, a row on several seeds with the baseline's same seeds. p (Holm): the bootstrap p of "
+        "ΔRSUM adjusted by Holm's step-down over all of the regime's comparisons in this report, so below 0.05 a "
+        "difference survives a correction for the number of rows compared. p (seeds): paired t-test of the per-seed "
+        "RSUM (training noise). Verdict: *gain*/*loss* only when the interval excludes 0 and every seed's difference "
+        "has the same sign (no multiplicity correction: read it with p (Holm)); otherwise *no measurable "
+        "difference*. ΔGap: mean per-seed difference of the modality gap (negative = smaller gap).",
     ]
     for skipped, reason in results.get("skipped", {}).items():
         lines.append(f"- Skipped `{skipped}`: {reason}.")
@@ -224,13 +240,16 @@ def render_markdown(results: dict[str, Any]) -> str:
                     lines.append(f"- {name}: **{sel['selected']:g}**, given (`--fixed_weights`), not selected in this "
                                  f"study (paper: *{sel['paper']:g}*)")
                     continue
-                swept = [float(f"{sel['paper'] * f:g}") for f in section["weight_factors"]]
+                centre = sel.get("centre", sel["paper"])
+                swept = [float(f"{centre * f:g}") for f in section["weight_factors"]]
+                around = f" (grid around {centre:g}, `--weight_centres`)" if "centre" in sel else ""
                 grid = ", ".join(
                     (f"*{w}*" if float(w) == sel["paper"] else w) + ("" if float(w) in swept else "†") + f": {_fmt(v)}"
                     for w, v in sel["validation_rsum"].items()
                 )
                 lines.append(
-                    f"- {name}: {grid} → **{sel['selected']:g}** (its baseline: {_fmt(sel['baseline_validation_rsum'])})"
+                    f"- {name}{around}: {grid} → **{sel['selected']:g}** (its baseline: "
+                    f"{_fmt(sel['baseline_validation_rsum'])})"
                 )
         methods = section["methods"]
         if not methods:

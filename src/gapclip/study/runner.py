@@ -74,6 +74,9 @@ class StudySettings:
             nothing for them and every variant uses the given weight. For reruns of chosen rows under other settings
             with the weights an earlier study selected (a full method's terms were selected at different factors of
             their paper weights, which one ``weight_factors`` value cannot express).
+        weight_centres: terms whose stage-2 grid is ``centre × factor`` instead of ``paper weight × factor``: to
+            select a weight again under other settings (e.g. a longer schedule) on a grid around the weight an earlier
+            study selected, which may lie far from the paper's.
         max_grid_extensions: a schedule-length, learning-rate or weight grid whose best value is at an end grows by
             one more step that way, at most this many times.
         coordinate_rounds: rounds of stages 0-1 at most: after the first, while stage 1 moves the learning rate, the
@@ -93,6 +96,7 @@ class StudySettings:
     epochs: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"pretrained": (1, 2, 4), "scratch": (5, 10)})
     weight_factors: tuple[float, ...] = (0.1, 1.0, 10.0)
     fixed_weights: dict[str, float] = field(default_factory=dict)
+    weight_centres: dict[str, float] = field(default_factory=dict)
     max_grid_extensions: int = 2
     coordinate_rounds: int = 3
     batch_size: int = 64
@@ -132,12 +136,18 @@ class StudySettings:
             raise ValueError(f"coordinate_rounds must be a whole number >= 1, got {self.coordinate_rounds!r}.")
         if not self.weight_factors or any(not f > 0 for f in self.weight_factors):
             raise ValueError(f"weight_factors must list positive numbers, got {self.weight_factors!r}.")
-        unknown = sorted(set(self.fixed_weights) - set(SWEEPS))
-        if unknown:
-            raise ValueError(f"fixed_weights: unknown terms {unknown}; the terms are {list(SWEEPS)}.")
-        bad = {name: w for name, w in self.fixed_weights.items() if isinstance(w, bool) or not float(w) > 0}
-        if bad:
-            raise ValueError(f"fixed_weights must be positive numbers, got {bad}.")
+        for option in ("fixed_weights", "weight_centres"):
+            given = getattr(self, option)
+            unknown = sorted(set(given) - set(SWEEPS))
+            if unknown:
+                raise ValueError(f"{option}: unknown terms {unknown}; the terms are {list(SWEEPS)}.")
+            bad = {name: w for name, w in given.items() if isinstance(w, bool) or not float(w) > 0}
+            if bad:
+                raise ValueError(f"{option} must be positive numbers, got {bad}.")
+        both = sorted(set(self.fixed_weights) & set(self.weight_centres))
+        if both:
+            raise ValueError(f"{both}: a term's weight is either given (fixed_weights) or selected on a grid around a "
+                             "centre (weight_centres), not both.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         if self.stop_after not in STOP_AFTER:
@@ -195,9 +205,17 @@ class MethodStudy:
         used = {use.sweep for v in self.available_variants(available) for use in v.terms}
         return [name for name in SWEEPS if name in used]
 
-    def unused_fixed_weights(self, available: set[str]) -> list[str]:
-        """The ``fixed_weights`` terms that no variant this study runs on its data uses (their weights do nothing)."""
-        return sorted(set(self.settings.fixed_weights) - set(self.needed_sweeps(available)))
+    def unused_weight_terms(self, available: set[str], option: str = "fixed_weights") -> list[str]:
+        """The terms ``option`` (``fixed_weights`` or ``weight_centres``) names that no variant this study runs on its
+        data uses (what is given for them does nothing)."""
+        return sorted(set(getattr(self.settings, option)) - set(self.needed_sweeps(available)))
+
+    def weight_grid(self, name: str) -> tuple[float, ...]:
+        """Stage 2's grid for term ``name``: its centre (``weight_centres``, else its paper weight) × each factor."""
+        centre = self.settings.weight_centres.get(name)
+        if centre is None:
+            return tuple(SWEEPS[name].paper_weight * f for f in self.settings.weight_factors)
+        return tuple(float(f"{float(centre) * f:.12g}") for f in self.settings.weight_factors)
 
     def seeds_of(self, variant: Variant) -> list[int]:
         return list(range(self.settings.seeds)) if variant.main else [0]
@@ -236,8 +254,7 @@ class MethodStudy:
         sweeps = self.needed_sweeps(available)
         fixed = {name: float(settings.fixed_weights[name]) for name in sweeps if name in settings.fixed_weights}
         weights, grids = self._select(
-            {name: tuple(SWEEPS[name].paper_weight * f for f in settings.weight_factors)
-             for name in sweeps if name not in fixed},
+            {name: self.weight_grid(name) for name in sweeps if name not in fixed},
             lambda name, weight: RunSpec.make(
                 f"{regime}: sweep {name} weight={weight:g}", SWEEPS[name].base, [SWEEPS[name].spec(weight)],
                 learning_rate=learning_rate[SWEEPS[name].base], epochs=epochs[SWEEPS[name].base], seed=0,
@@ -250,6 +267,7 @@ class MethodStudy:
             selection["weights"][name] = {
                 "selected": weights[name], "paper": sweep.paper_weight, "source": sweep.source,
                 **({"fixed": True} if name in fixed else {}),
+                **({"centre": float(settings.weight_centres[name])} if name in settings.weight_centres else {}),
                 "validation_rsum": {f"{w:g}": _val(r) for w, r in sorted(grids.get(name, {}).items())},
                 "baseline_validation_rsum": selection["learning_rate"][sweep.base]["validation_rsum"][
                     f"{learning_rate[sweep.base]:g}"],
@@ -394,12 +412,14 @@ class MethodStudy:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         datasets = load_study_data(self.data_args)
         available, teachers, self.skipped = study_inputs(self, datasets)
-        unused = self.unused_fixed_weights(available)
-        if unused:
-            logger.warning(
-                f"--fixed_weights: no variant this study runs on this data uses {unused}, so their weights are ignored "
-                f"(the variants' terms: {self.needed_sweeps(available)}). Check --variants and the term names."
-            )
+        for option in ("fixed_weights", "weight_centres"):
+            unused = self.unused_weight_terms(available, option)
+            if unused:
+                logger.warning(
+                    f"--{option}: no variant this study runs on this data uses {unused}, so what it gives for them is "
+                    f"ignored (the variants' terms: {self.needed_sweeps(available)}). Check --variants and the term "
+                    "names."
+                )
         for regime in self.settings.regimes:
             context = build_context(self, regime, datasets, teachers)
             folder = self.output_dir / "runs" / regime

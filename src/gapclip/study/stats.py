@@ -12,7 +12,9 @@ Two sources of noise separate a measured difference from a real one, and the stu
   so only consistent differences reach p < 0.05.
 
 :func:`verdict` calls a difference measurable only when both agree: the bootstrap interval excludes 0 *and* every
-seed's difference has the same sign (one seed: the bootstrap alone).
+seed's difference has the same sign (one seed: the bootstrap alone). A study compares many rows with their baselines
+at once, so some differences reach p < 0.05 by chance; :func:`holm` adjusts the rows' bootstrap p for that (reported
+next to the verdict, which it does not change).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["cluster_bootstrap_rsum", "mean_std", "paired_seed_test", "rsum_from_ranks", "verdict"]
+__all__ = ["cluster_bootstrap_rsum", "holm", "mean_std", "paired_seed_test", "rsum_from_ranks", "verdict"]
 
 KS = (1, 5, 10)
 
@@ -82,6 +84,20 @@ def cluster_bootstrap_rsum(
     low, high = np.percentile(replicates, [2.5, 97.5])
     p = min(1.0, 2.0 * min((replicates <= 0).mean(), (replicates >= 0).mean()))
     return {"diff": point, "ci_low": float(low), "ci_high": float(high), "p": float(p), "num_resamples": num_resamples}
+
+
+def holm(p_values: Mapping[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of a family of p values (Holm 1979, "A simple sequentially rejective multiple test
+    procedure"): with the m p values sorted, ``p_(1) ≤ … ≤ p_(m)``, the adjusted ``p̃_(i) = max_{j ≤ i} min(1, (m − j
+    + 1)·p_(j))``. Rejecting where ``p̃ < α`` keeps the family-wise error rate at α under any dependence between the
+    tests (the study's comparisons share their baseline, so they are not independent). Ties keep their input order.
+    """
+    ordered = sorted(p_values.items(), key=lambda item: item[1])
+    adjusted, running = {}, 0.0
+    for rank, (name, p) in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * float(p)))
+        adjusted[name] = running
+    return adjusted
 
 
 def paired_seed_test(method: Mapping[int, float], baseline: Mapping[int, float]) -> dict[str, float | int | None]:
