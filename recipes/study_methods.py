@@ -19,7 +19,7 @@ cached in ``OUTPUT_DIR/runs``, so an interrupted study resumes.
     python recipes/study_methods.py --regime pretrained --variants "DIAS (full: K-means batches, sparse)" \\
         --pretrained_epochs 32 --pretrained_learning_rates 3e-4 --max_grid_extensions 0 \\
         --fixed_weights dias_dim=1,dias_inter=0.0005,dias_intra=0.01 --output_dir out  # one row, earlier weights
-    python recipes/study_methods.py --regime pretrained --variants "+CSA" --pretrained_epochs 32 \
+    python recipes/study_methods.py --regime pretrained --variants "+CSA" --pretrained_epochs 32 \\
         --pretrained_learning_rates 1e-4,3e-4,9e-4 --weight_centres csa=10 --output_dir out  # reselect around 10
 
 Without ``--model_name_or_path`` the pretrained start is the demo CLIP of ``recipes/pretrain_demo.py`` (made on
