@@ -214,6 +214,7 @@ class MethodStudy:
         """Stage 2's grid for term ``name``: its centre (``weight_centres``, else its paper weight) × each factor."""
         centre = self.settings.weight_centres.get(name)
         if centre is None:
+            # left unrounded: a weight is part of its run's cache key, and the committed runs were keyed by these values
             return tuple(SWEEPS[name].paper_weight * f for f in self.settings.weight_factors)
         return tuple(float(f"{float(centre) * f:.12g}") for f in self.settings.weight_factors)
 
