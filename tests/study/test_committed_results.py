@@ -54,7 +54,7 @@ def stand_in_for_the_pretrained_start(saved: dict, monkeypatch) -> None:
         return RunContext(
             regime=regime, train=datasets["train"], validation=datasets["validation"], test=datasets["test"],
             processor=None, build_backbone=None, key=section["cache_key"], work_dir=study.output_dir / "work",
-            teachers=teachers, extra={"start": section["start"]},
+            teachers=teachers, extra={"start": section["start"], "start_digest": section.get("start_digest")},
         )
 
     monkeypatch.setattr(context_module, "build_context", build_context)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gapclip.study.context import start_digest
+
 from ..conftest import DEMO_SIZES
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -41,6 +43,11 @@ def test_smoke_study_writes_every_method_with_seeds_mean_std_and_comparison(smok
     out, results = smoke_study
     saved = json.loads((out / "study.json").read_text())
     assert set(saved["regimes"]) == {"pretrained", "scratch"}
+    # which start, by content: the pretrained runs are cached under it
+    pretrained = saved["regimes"]["pretrained"]
+    assert pretrained["start_digest"] == start_digest(Path(pretrained["start"]))
+    assert saved["regimes"]["scratch"]["start_digest"] is None
+    assert f"weights digest `{pretrained['start_digest']}`" in (out / "study.md").read_text()
     for regime, section in saved["regimes"].items():
         methods = section["methods"]
         assert len(methods) == 20  # every row of default_variants(): the demo data has translations and teachers

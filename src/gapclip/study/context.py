@@ -81,13 +81,22 @@ def study_inputs(study: Any, datasets: dict[str, Any]) -> tuple[set[str], Any, d
     return available, teachers, skipped
 
 
-def _file_digest(path: Path) -> str:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def start_digest(path: Path) -> str:
+    """A digest of a saved start's config and weights, by content: runs are cached under it, and a start remade on
+    another machine (same settings, same file sizes, weights that differ by float rounding) must not reuse runs of
+    the first. Hashing a ViT-B/16 checkpoint takes about a second, once per study."""
     digest = hashlib.sha1()
-    for name in ("config.json", "model.safetensors"):
-        file = path / name
-        if file.is_file():
-            stat = file.stat()
-            digest.update(file.read_bytes() if name == "config.json" else f"{stat.st_size}".encode())
+    files = [path / "config.json"] + sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    for file in files:
+        if not file.is_file():
+            continue
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:12]
 
 
@@ -139,9 +148,11 @@ def build_context(study: Any, regime: str, datasets: dict[str, Any], teachers: A
 
     settings = study.settings
     data_key = {name: getattr(study.data_args, name, None) for name in DATA_KEY_FIELDS}
+    digest = None
     if regime == "pretrained":
         path, backbone, processor = _pretrained_start(study)
-        model_key = {"start": path, "digest": _file_digest(Path(path)) if Path(path).is_dir() else path}
+        digest = start_digest(Path(path)) if Path(path).is_dir() else None
+        model_key = {"start": path, "digest": digest or path}
         start = path
         build_backbone = BackboneFactory(backbone=backbone)
     else:
@@ -167,7 +178,7 @@ def build_context(study: Any, regime: str, datasets: dict[str, Any], teachers: A
         processor=processor, build_backbone=build_backbone, key=key, work_dir=study.output_dir / "work",
         batch_size=settings.batch_size, eval_batch_size=settings.eval_batch_size, teachers=teachers,
         use_cpu=settings.use_cpu,
-        extra={"start": start},
+        extra={"start": start, "start_digest": digest},
     )
 
 

@@ -81,6 +81,7 @@ def summarise_regime(
         methods[name]["vs_baseline"]["rsum"]["holm"] = {"p": p, "family_size": len(compared)}
     return {
         "start": context.extra.get("start"),
+        "start_digest": context.extra.get("start_digest"),  # config and weights by content: which start, exactly
         "cache_key": context.key,  # the context part of every run's key (runs/<regime>/<run key>.json)
         "epoch_grid": list(study.settings.epochs[regime]),
         "epochs": outcome["epochs"],
@@ -206,6 +207,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"kept. {section['run_count']} runs, {section['run_seconds'] / 60:.1f} min of run time summed over them "
             f"({section['wall_seconds'] / 60:.1f} min wall in this invocation)."
         )
+        if section.get("start_digest"):
+            lines.append(f"Start: `{section['start']}`, weights digest `{section['start_digest']}` (runs are cached "
+                         "under it: only runs of this very start are reused).")
         if section.get("stopped_after"):
             lines.append(f"Stopped after the `{section['stopped_after']}` selection (`--stop_after`): no test results.")
         lines += ["", "Schedule length (stage 0, validation RSUM of each length at the middle learning rate, in a "
