@@ -152,6 +152,32 @@ def test_a_pretrained_regime_is_read_back_by_its_saved_key_without_its_start(smo
 
 
 @pytest.mark.slow
+def test_runs_of_another_start_are_named_rather_than_trained_again_in_silence(smoke_study, tmp_path, caplog):
+    out, _ = smoke_study
+    saved = json.loads((out / "study.json").read_text())
+    now = saved["regimes"]["pretrained"]
+
+    def warnings_of_another_start(report: dict) -> list[str]:
+        (tmp_path / "study.json").write_text(json.dumps(report))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gapclip.study.runner"):
+            plan = _study_recipe().main(["--smoke", "--regime", "pretrained", "--output_dir", str(tmp_path),
+                                         "--dry_run", "true", "--disable_tqdm", "true"])
+        assert plan["pretrained"]["to_do"] == plan["pretrained"]["runs"] > 0  # the folder holds no run of this start
+        return [r.getMessage() for r in caplog.records if "were made from another start" in r.getMessage()]
+
+    # an interrupted study of this very start resumes without a word
+    assert warnings_of_another_start(saved) == []
+    # a folder whose runs came from a start remade elsewhere
+    saved["regimes"]["pretrained"] = {**now, "cache_key": "0123456789abcdef", "start_digest": "fedcba987654"}
+    (message,) = warnings_of_another_start(saved)
+    assert str(tmp_path / "study.json") in message
+    assert f"context key 0123456789abcdef there, {now['cache_key']} now" in message
+    assert f"start weights digest fedcba987654 there, {now['start_digest']} now" in message
+    assert "--model_name_or_path" in message
+
+
+@pytest.mark.slow
 def test_study_on_a_karpathy_json_without_translations_skips_gst(tiny_demo_root, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gapclip.study.runner"):
         results = _study_recipe().main([

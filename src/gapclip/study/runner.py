@@ -28,6 +28,7 @@ and a finished run is never redone.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -426,6 +427,7 @@ class MethodStudy:
             folder = self.output_dir / "runs" / regime
             total, missing = self.count_runs(regime, available, context, folder)
             todo = len(missing)
+            self._warn_of_runs_from_another_start(regime, context, todo)
             estimate = self._estimate(context, missing)
             logger.warning(
                 f"Study, {regime} regime: {total} runs ({total - todo} already done); about {estimate / 60:.0f} min "
@@ -434,6 +436,23 @@ class MethodStudy:
                    "rounds their scores call for are not counted." if todo else "")
             )
             yield regime, context, available, folder, {"runs": total, "to_do": todo, "estimated_seconds": estimate}
+
+    def _warn_of_runs_from_another_start(self, regime: str, context: RunContext, todo: int) -> None:
+        """A study folder copied to another machine keeps its runs, but the start remade there differs (float
+        rounding), so they are cached under another key and would otherwise be trained again without a word."""
+        earlier = _earlier_section(self.output_dir, regime)
+        if not todo or earlier is None or earlier.get("cache_key") in (None, context.key):
+            return
+        digests = ""
+        then, now = earlier.get("start_digest"), context.extra.get("start_digest")
+        if then or now:
+            digests = f"; start weights digest {then} there, {now} now"
+        logger.warning(
+            f"Study, {regime} regime: the runs recorded in {earlier['file']} were made from another start, other "
+            f"data or other batch settings (context key {earlier['cache_key']} there, {context.key} now{digests}). "
+            "They are not reused: this study trains its own. To reuse them, give it the very start they came from "
+            "(--model_name_or_path) and the same data and batch flags."
+        )
 
     def plan(self) -> dict[str, dict[str, float]]:
         """The runs of each regime, how many are still to do, and the estimated time (nothing is trained, but the
@@ -526,6 +545,18 @@ def _grid_scores(grid: dict[float, dict], name: Callable[[float], str]) -> dict[
     ordered = sorted(grid.items())
     return {"validation_rsum": {name(value): _val(record) for value, record in ordered},
             "best_epoch": {name(value): record.get("best_epoch") for value, record in ordered}}
+
+
+def _earlier_section(output_dir: Path, regime: str) -> dict | None:
+    """``regime``'s section of the report an earlier invocation left in ``output_dir`` (``study.json``, else a
+    ``--stop_after`` report), with ``file`` naming it; None when there is none or it cannot be read."""
+    for file in [output_dir / "study.json", *sorted(output_dir.glob("selection-*.json"))]:
+        try:
+            section = json.loads(file.read_text())["regimes"][regime]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return {**section, "file": str(file)}
+    return None
 
 
 def _val(record: dict | None) -> float | None:
