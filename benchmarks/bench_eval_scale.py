@@ -94,8 +94,6 @@ def rss_delta(variant: str, num_images: int, dim: int, seed: int = 0) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = C.parse_args(__doc__.splitlines()[0], argv)
-    import torch
-
     if args.device == "cuda":
         print("eval_scale measures CPU retrieval; running on cpu.")
     num_images, dim, large_images = SIZES[args.mode]

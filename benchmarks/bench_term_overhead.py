@@ -22,7 +22,6 @@ NAME = "term_overhead"
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = C.parse_args(__doc__.splitlines()[0], argv)
-    import torch
     from gapclip.losses import TERM_REGISTRY
 
     mode, device = args.mode, args.device

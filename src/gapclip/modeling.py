@@ -424,8 +424,6 @@ class GapClipModel(GapClipPreTrainedModel):
 
 
 def _rank_offset(index: torch.Tensor) -> torch.Tensor:
-    from .distributed import distributed_info
-
     rank, world_size = distributed_info()
     if world_size == 1:
         return torch.zeros((), dtype=index.dtype, device=index.device)

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
