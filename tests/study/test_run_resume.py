@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -32,9 +34,12 @@ def test_a_run_killed_while_saving_resumes_and_ends_as_the_uninterrupted_run(scr
     work_dir = context.work_dir / key
     save = runs.KeepBestOnValidation.save_checkpoint_state
     saves = []
+    now = [1000.0]  # the study's clock: the killed process spends 7 s up to its checkpoint, the resumed one 3 s
+    monkeypatch.setattr(runs, "time", SimpleNamespace(time=lambda: now[0]))
 
     def killed_at_the_second_save(self, folder):
         saves.append(folder)
+        now[0] += 7.0
         if len(saves) == 2:  # killed while writing epoch 2's checkpoint: epoch 1's is the last complete one
             raise KeyboardInterrupt
         save(self, folder)
@@ -47,13 +52,20 @@ def test_a_run_killed_while_saving_resumes_and_ends_as_the_uninterrupted_run(scr
 
     evaluated = []
     evaluate = runs.evaluate_split
-    monkeypatch.setattr(runs, "evaluate_split", lambda *a, **k: evaluated.append(1) or evaluate(*a, **k))
+
+    def counted(*args, **kwargs):
+        evaluated.append(1)
+        now[0] += 1.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "evaluate_split", counted)
     folder = tmp_path / "runs"
     train_and_save(spec, key, context, folder)
     assert len(evaluated) == 3  # validation after epochs 2 and 3, then the test split: epoch 1 was not redone
     assert not work_dir.exists()  # the checkpoint is deleted once the run's record is saved
 
     resumed = load_run(folder, key)
+    assert resumed["wall_seconds"] == 7.0 + 3.0  # the killed process's time up to its checkpoint counts too
     history = whole["record"]["validation_history"]
     assert len(resumed["validation_history"]) == len(history)
     for got, expected in zip(resumed["validation_history"], history):

@@ -111,13 +111,16 @@ def evaluate_split(model: Any, dataset: Any, processor: Any, *, batch_size: int 
 class KeepBestOnValidation(TrainerCallback):
     """After every epoch: score the validation split; keep a copy of the weights with the best RSUM so far.
 
-    Its state (the validation history and the best epoch's weights and metrics) is saved with every checkpoint and
-    restored on resume, so a run resumed after a kill keeps the best epoch it had already seen."""
+    Its state (the validation history, the best epoch's weights and metrics, and the run's wall time so far) is saved
+    with every checkpoint and restored on resume, so a run resumed after a kill keeps the best epoch it had already
+    seen, and its record's ``wall_seconds`` counts the killed process's time up to that checkpoint too."""
 
     STATE_NAME = "study_keep_best.pt"
 
-    def __init__(self, validation: Any, processor: Any, batch_size: int):
+    def __init__(self, validation: Any, processor: Any, batch_size: int, started: float | None = None):
         self.validation, self.processor, self.batch_size = validation, processor, batch_size
+        self.started = time.time() if started is None else started
+        self.earlier_seconds = 0.0  # spent by killed processes of this run, up to the checkpoint resumed from
         self.history: list[dict[str, float]] = []
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch = 0
@@ -138,13 +141,19 @@ class KeepBestOnValidation(TrainerCallback):
 
     def save_checkpoint_state(self, folder: str) -> None:
         torch.save({"history": self.history, "best_state": self.best_state, "best_epoch": self.best_epoch,
-                    "best_rsum": self.best_rsum, "best_metrics": self.best_metrics},
+                    "best_rsum": self.best_rsum, "best_metrics": self.best_metrics,
+                    "elapsed_seconds": self.elapsed_seconds()},
                    Path(folder) / self.STATE_NAME)
 
     def load_checkpoint_state(self, folder: str) -> None:
         state = torch.load(Path(folder) / self.STATE_NAME, weights_only=True)
         self.history, self.best_state, self.best_epoch = state["history"], state["best_state"], state["best_epoch"]
         self.best_rsum, self.best_metrics = state["best_rsum"], state["best_metrics"]
+        self.earlier_seconds = float(state.get("elapsed_seconds", 0.0))  # absent from checkpoints of older versions
+
+    def elapsed_seconds(self) -> float:
+        """The run's wall time so far, over every process that trained it (a killed one up to its last checkpoint)."""
+        return self.earlier_seconds + time.time() - self.started
 
 
 def _new_model(spec: RunSpec, context: RunContext) -> Any:
@@ -196,7 +205,7 @@ def train_and_evaluate(spec: RunSpec, context: RunContext, work_dir: Path | None
         context.processor, term_inputs=model.declared_term_inputs,
         input_providers=[context.teachers] if spec.needs_teachers else [],
     )
-    keep_best = KeepBestOnValidation(context.validation, context.processor, context.eval_batch_size)
+    keep_best = KeepBestOnValidation(context.validation, context.processor, context.eval_batch_size, started=start)
     callbacks: list[Any] = [keep_best]
     sampler = None
     if spec.sampler == "kmeans":
@@ -247,7 +256,7 @@ def train_and_evaluate(spec: RunSpec, context: RunContext, work_dir: Path | None
         ranks = {"i2t": i2t, "t2i": t2i}
     else:
         record["validation"] = record["test"] = None
-    record["wall_seconds"] = round(time.time() - start, 2)
+    record["wall_seconds"] = round(keep_best.elapsed_seconds(), 2)
     record["torch_threads"] = torch.get_num_threads()
     trainer.accelerator.free_memory()
     return {"record": record, "ranks": ranks}
