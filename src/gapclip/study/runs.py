@@ -117,9 +117,9 @@ class KeepBestOnValidation(TrainerCallback):
 
     STATE_NAME = "study_keep_best.pt"
 
-    def __init__(self, validation: Any, processor: Any, batch_size: int, started: float | None = None):
+    def __init__(self, validation: Any, processor: Any, batch_size: int, *, started: float):
         self.validation, self.processor, self.batch_size = validation, processor, batch_size
-        self.started = time.time() if started is None else started
+        self.started = started  # ``time.time()`` when the run's process began it (model building included)
         self.earlier_seconds = 0.0  # spent by killed processes of this run, up to the checkpoint resumed from
         self.history: list[dict[str, float]] = []
         self.best_state: dict[str, torch.Tensor] | None = None
