@@ -1,8 +1,8 @@
 """The study folders under ``study_results/`` (behind the README's tables) are read back by today's code.
 
-Each folder holds a study's ``study.json``/``study.md`` and its ``runs/`` (one record and the per-query ranks of every
-run). Rerunning the command recorded in ``study.json`` into a copy of the folder must train nothing and give back the
-same tables: a change to the cache keys, the data, the selection logic or the statistics that would silently detach
+Each folder holds a study's ``study.json``/``study.md`` (``selection-<stage>.json``/``.md`` for a study stopped after a
+selection stage with ``--stop_after``) and its ``runs/`` (one record and the per-query ranks of every run). Rerunning
+the command recorded in that report into a copy of the folder must train nothing and give back the same tables: a change to the cache keys, the data, the selection logic or the statistics that would silently detach
 the README's figures from the code fails here.
 """
 
@@ -19,7 +19,15 @@ import pytest
 from .test_study_recipe import _study_recipe
 
 RESULTS = Path(__file__).resolve().parents[2] / "study_results"
-FOLDERS = sorted(path.parent for path in RESULTS.glob("*/study.json"))
+REPORTS = ("study.json", "selection-*.json")
+FOLDERS = sorted({path.parent for pattern in REPORTS for path in RESULTS.glob(f"*/{pattern}")})
+
+
+def saved_report(folder: Path) -> dict:
+    """The one report a committed folder holds: ``study.json``, or ``selection-<stage>.json`` for a stopped study."""
+    reports = [path for pattern in REPORTS for path in folder.glob(pattern)]
+    assert len(reports) == 1, f"{folder}: expected one report of {REPORTS}, found {[p.name for p in reports]}"
+    return json.loads(reports[0].read_text())
 
 
 def replay_argv(command: str, output_dir: Path) -> list[str]:
@@ -99,9 +107,9 @@ def test_replay_argv_swaps_the_output_folder_in_either_spelling(tmp_path):
 
 
 def test_study_results_are_committed_with_their_runs():
-    assert FOLDERS, f"no study.json under {RESULTS}"
+    assert FOLDERS, f"no study report ({REPORTS}) under {RESULTS}"
     for folder in FOLDERS:
-        saved = json.loads((folder / "study.json").read_text())
+        saved = saved_report(folder)
         assert saved["command"].startswith("python recipes/study_methods.py "), folder
         assert not (folder / "work").exists(), f"{folder}: a run's checkpoints were committed"
         for regime, section in saved["regimes"].items():
@@ -120,7 +128,7 @@ def test_a_committed_study_is_read_back_without_training(folder, tmp_path, monke
 
     monkeypatch.setattr(pool, "train_and_save", no_training)
     monkeypatch.setattr(pool.RunExecutor, "_run_in_pool", no_training)
-    saved = json.loads((folder / "study.json").read_text())
+    saved = saved_report(folder)
     stand_in_for_the_pretrained_start(saved, monkeypatch)
     out = tmp_path / folder.name
     shutil.copytree(folder / "runs", out / "runs")
