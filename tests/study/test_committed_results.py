@@ -2,8 +2,9 @@
 
 Each folder holds a study's ``study.json``/``study.md`` (``selection-<stage>.json``/``.md`` for a study stopped after a
 selection stage with ``--stop_after``) and its ``runs/`` (one record and the per-query ranks of every run). Rerunning
-the command recorded in that report into a copy of the folder must train nothing and give back the same tables: a change to the cache keys, the data, the selection logic or the statistics that would silently detach
-the README's figures from the code fails here.
+the command recorded in that report into a copy of the folder must train nothing and give back the same tables: a
+change to the cache keys, the data, the selection logic or the statistics that would silently detach the README's
+figures from the code fails here.
 """
 
 from __future__ import annotations
