@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     if study_args.dry_run:
         return study.plan()
     results = study.run()
-    stem = report_stem(study)
+    stem = report_stem(study.settings.stop_after)
     print((study.output_dir / f"{stem}.md").read_text(), flush=True)  # the recipe's result, for the person who ran it
     out = study.output_dir.resolve()
     print(format_summary(f"Study finished: {out}", [

@@ -17,16 +17,20 @@ from pathlib import Path
 
 import pytest
 
+from gapclip.study.report import report_stem
+from gapclip.study.runner import STOP_AFTER
+
 from .test_study_recipe import _study_recipe
 
 RESULTS = Path(__file__).resolve().parents[2] / "study_results"
-REPORTS = ("study.json", "selection-*.json")
-FOLDERS = sorted({path.parent for pattern in REPORTS for path in RESULTS.glob(f"*/{pattern}")})
+#: the names a study's report can have: ``study.json``, or ``selection-<stage>.json`` for each ``--stop_after`` stage
+REPORTS = tuple(f"{report_stem(stage)}.json" for stage in STOP_AFTER)
+FOLDERS = sorted({path.parent for name in REPORTS for path in RESULTS.glob(f"*/{name}")})
 
 
 def saved_report(folder: Path) -> dict:
-    """The one report a committed folder holds: ``study.json``, or ``selection-<stage>.json`` for a stopped study."""
-    reports = [path for pattern in REPORTS for path in folder.glob(pattern)]
+    """The one report a committed folder holds (one of :data:`REPORTS`)."""
+    reports = [folder / name for name in REPORTS if (folder / name).exists()]
     assert len(reports) == 1, f"{folder}: expected one report of {REPORTS}, found {[p.name for p in reports]}"
     return json.loads(reports[0].read_text())
 

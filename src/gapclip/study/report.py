@@ -108,11 +108,10 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def report_stem(study: Any) -> str:
-    """``study``, or ``selection-<stage>`` for a study stopped after a selection stage (so that a partial run never
-    overwrites the report of a finished one in the same folder)."""
-    stop = study.settings.stop_after
-    return "study" if stop is None else f"selection-{stop.replace('_', '-')}"
+def report_stem(stop_after: str | None) -> str:
+    """``study``, or ``selection-<stage>`` for a study stopped after a selection stage (``StudySettings.stop_after``),
+    so that a partial run never overwrites the report of a finished one in the same folder."""
+    return "study" if stop_after is None else f"selection-{stop_after.replace('_', '-')}"
 
 
 def write_reports(study: Any, results: dict[str, Any], started: float) -> None:
@@ -131,7 +130,7 @@ def write_reports(study: Any, results: dict[str, Any], started: float) -> None:
     results["machine"] = _machine()
     results["wall_seconds"] = round(time.time() - started, 1)
     out = Path(study.output_dir)
-    stem = report_stem(study)
+    stem = report_stem(study.settings.stop_after)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     (out / f"{stem}.md").write_text(render_markdown(results))
 
