@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gapclip.distributed import end_process_group
+
 DEBUG_ENV = "GAPCLIP_DEBUG"
 USAGE_ERRORS = (ValueError, TypeError, OSError, ImportError, KeyError)
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -31,14 +33,20 @@ __all__ = ["DEBUG_ENV", "format_summary", "run_recipe", "training_summary"]
 
 
 def run_recipe(main: Callable[[], Any]) -> Any:
-    """``main()``, turning a configuration error into one line on stderr and exit status 2 (see the module doc)."""
+    """``main()``, turning a configuration error into one line on stderr and exit status 2 (see the module doc).
+
+    A multi-process run that returns ends its process group (:func:`gapclip.distributed.end_process_group`), so
+    that tearing it down cannot abort or hang a finished run; a failed process leaves it to the launcher.
+    """
     try:
-        return main()
+        result = main()
     except USAGE_ERRORS as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not _raised_by_us(err, main):
             raise
         print(_one_line(err), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    end_process_group()
+    return result
 
 
 def _one_line(err: BaseException) -> str:

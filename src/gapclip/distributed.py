@@ -39,6 +39,21 @@ def distributed_info() -> tuple[int, int]:
     return 0, 1
 
 
+def end_process_group() -> None:
+    """Wait for every process, then destroy the default process group; call it once a run has finished on all ranks.
+
+    Why: a gloo worker thread frees each finished collective's tensors a moment after the caller has moved on, and
+    freeing a tensor that Python also knows needs the GIL. When the group itself is torn down in that moment (at
+    interpreter shutdown: SIGABRT, ``terminate called without an active exception``, pytorch#190489; or when the
+    last reference to a DDP model goes, with the GIL held: a deadlock), a finished run fails or hangs. The barrier
+    lets every worker thread finish with the collectives before it; destroying the group then leaves no thread to
+    outlive the interpreter. Not for a process that failed: the others would wait at the barrier for it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _gather_sizes(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     """All processes' shapes as a ``[world_size, ndim]`` tensor, so uneven batches/lengths can be padded."""
     shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)

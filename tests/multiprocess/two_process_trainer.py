@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from gapclip import GapClipConfig, GapClipModel
 from gapclip.cli import GapClipTrainingArguments, scratch_clip_config
 from gapclip.data import CaptionPairs, GapClipCollator, load_caption_dataset, make_demo_processor
+from gapclip.distributed import end_process_group
 from gapclip.trainer import GapClipTrainer
 
 #: variant -> (local_loss, gradient_cache_chunk_size); the first is the reference.
@@ -61,6 +62,7 @@ def main(root: str, out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for variant in VARIANTS:
         train(variant, Path(root), out)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -113,3 +113,21 @@ def test_debug_env_and_foreign_errors_keep_the_traceback(monkeypatch):
         run_recipe(lambda: json.loads("{"))
     with pytest.raises(RuntimeError):  # not a configuration error
         run_recipe(_fails_with(RuntimeError("3 consecutive optimizer steps had a non-finite loss")))
+
+
+def test_run_recipe_ends_the_process_group_of_a_finished_run(tmp_path, monkeypatch):
+    """Left to the interpreter, a gloo group now and then aborts (pytorch#190489) or hangs a finished run."""
+    import torch.distributed as dist
+
+    monkeypatch.delenv("GAPCLIP_DEBUG", raising=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert run_recipe(dist.get_world_size) == 1  # the group was up while main ran
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store-2'}", rank=0, world_size=1)
+        with pytest.raises(SystemExit):
+            run_recipe(_fails_with(ValueError("bad --x")))
+        assert dist.is_initialized()  # a failed process does not wait at a barrier for the others
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
