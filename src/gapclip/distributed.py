@@ -25,6 +25,8 @@ shares.)
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from transformers.utils import logging
@@ -42,14 +44,18 @@ def distributed_info() -> tuple[int, int]:
 def end_process_group() -> None:
     """Wait for every process, then destroy the default process group; call it once a run has finished on all ranks.
 
-    Why: a gloo worker thread frees each finished collective's tensors a moment after the caller has moved on, and
-    freeing a tensor that Python also knows needs the GIL. When the group itself is torn down in that moment (at
-    interpreter shutdown: SIGABRT, ``terminate called without an active exception``, pytorch#190489; or when the
-    last reference to a DDP model goes, with the GIL held: a deadlock), a finished run fails or hangs. The barrier
-    lets every worker thread finish with the collectives before it; destroying the group then leaves no thread to
-    outlive the interpreter. Not for a process that failed: the others would wait at the barrier for it.
+    Why: a gloo run-loop thread frees each finished collective a moment after the caller has moved on, under the
+    group's work lock, and freeing a tensor that Python also knows needs the GIL. When the group itself is torn down
+    in that moment (at interpreter shutdown: SIGABRT, ``terminate called without an active exception``,
+    pytorch#190489; or when the last reference to a DDP model goes, with the GIL held: a deadlock), a finished run
+    fails or hangs. So: a barrier (every collective before it has finished), a pause that hands the GIL to the
+    run-loop threads, and a second barrier, which cannot even be queued while one of them still holds the work lock;
+    after it no finished collective is left to free. Not for a process that failed: the others would wait at the
+    barrier for it.
     """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.1)
         dist.barrier()
         dist.destroy_process_group()
 
