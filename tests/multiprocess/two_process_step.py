@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from gapclip.cli import import_term_modules
 from gapclip.configuration import GapClipConfig
+from gapclip.distributed import end_process_group
 from gapclip.gradient_cache import gradient_cached_forward
 from gapclip.modeling import GapClipModel
 from gapclip.testing import tiny_clip_config, tiny_siglip_config
@@ -157,7 +158,7 @@ def main(spec_path: str, out_dir: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in grads.items()}, str(out / f"grads_rank{rank}.safetensors"))
         (out / f"values_rank{rank}.json").write_text(json.dumps(values))
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":
