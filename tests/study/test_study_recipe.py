@@ -49,6 +49,8 @@ def test_smoke_study_writes_every_method_with_seeds_mean_std_and_comparison(smok
     assert saved["regimes"]["scratch"]["start_digest"] is None
     assert f"weights digest `{pretrained['start_digest']}`" in (out / "study.md").read_text()
     for regime, section in saved["regimes"].items():
+        assert section["trained_count"] == section["run_count"] > 0  # a fresh folder: every run trained here
+        assert f"{section['run_count']} trained in this invocation" in (out / "study.md").read_text()
         methods = section["methods"]
         assert len(methods) == 20  # every row of default_variants(): the demo data has translations and teachers
         for name, entry in methods.items():
@@ -103,6 +105,9 @@ def test_a_rerun_trains_nothing_and_gives_the_same_study(smoke_study, monkeypatc
         assert again["regimes"][regime]["methods"] == results["regimes"][regime]["methods"]
         assert again["regimes"][regime]["plan"]["to_do"] == 0
         assert again["regimes"][regime]["plan"]["runs"] == len(list((out / "runs" / regime).glob("*.json")))
+        assert again["regimes"][regime]["trained_count"] == 0
+    # a read-back's wall time is not the runs' own: the report says none was trained
+    assert (out / "study.md").read_text().count("all read back from earlier invocations: none trained in this one") == 2
     printed = capsys.readouterr().out
     assert f"Study finished: {out.resolve()}" in printed and f"{out.resolve() / 'study.md'}" in printed
 

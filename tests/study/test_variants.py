@@ -381,3 +381,17 @@ def test_a_whole_number_grid_never_grows_below_one():
 def test_bad_settings_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
         StudySettings(**kwargs)
+
+
+def test_the_report_says_how_many_runs_this_invocation_trained():
+    """A resumed or read-back study's wall time is not its runs' time: the report says which is which."""
+    from gapclip.study.report import _invocation
+
+    assert _invocation({"trained_count": 3, "run_count": 5, "wall_seconds": 120.0}) == (
+        "3 trained in this invocation, 2.0 min wall; 2 read back")
+    assert _invocation({"trained_count": 5, "run_count": 5, "wall_seconds": 90.0}) == (
+        "5 trained in this invocation, 1.5 min wall")
+    assert _invocation({"trained_count": 0, "run_count": 5, "wall_seconds": 30.0}) == (
+        "all read back from earlier invocations: none trained in this one")
+    # a report written before the count was kept says what it said then
+    assert _invocation({"run_count": 5, "wall_seconds": 30.0}) == "0.5 min wall in this invocation"

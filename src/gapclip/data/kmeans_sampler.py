@@ -19,6 +19,8 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from ..distributed import distributed_info
+
 logger = logging.get_logger(__name__)
 
 ALGORITHMS = ("kmeans", "minibatch")
@@ -94,11 +96,9 @@ class KMeansBatchSampler(Sampler[list[int]]):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}.")
         if num_replicas is None or rank is None:
-            initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-            if num_replicas is None:
-                num_replicas = torch.distributed.get_world_size() if initialised else 1
-            if rank is None:
-                rank = torch.distributed.get_rank() if initialised else 0
+            running_rank, running_world_size = distributed_info()
+            num_replicas = running_world_size if num_replicas is None else num_replicas
+            rank = running_rank if rank is None else rank
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas); got rank={rank}, num_replicas={num_replicas}.")
         self.clusters_per_batch = clusters_per_batch

@@ -120,10 +120,12 @@ def verify_splits(
     import torch.distributed as dist
     from transformers.utils import logging
 
+    from ..distributed import distributed_info
+
     logger = logging.get_logger(__name__)
     bad = [b for name, split in splits.items()
            for b in find_bad_images(split, split=name, rank=rank, world_size=world_size, show_progress=show_progress)]
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
+    if world_size > 1 and distributed_info()[1] > 1:
         gathered: list[Any] = [None] * world_size
         dist.all_gather_object(gathered, bad)
         order = list(splits)

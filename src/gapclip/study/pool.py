@@ -40,11 +40,14 @@ def _train_in_worker(spec: RunSpec, key: str) -> str:
 
 
 class RunExecutor:
-    """``fetch(specs)``: the record of every spec, training the ones not on disk yet (``workers`` at a time)."""
+    """``fetch(specs)``: the record of every spec, training the ones not on disk yet (``workers`` at a time).
+
+    ``trained``: how many runs this executor has trained (the others it returned were read back from disk)."""
 
     def __init__(self, context: RunContext, folder: Path, *, workers: int = 1, progress: Any = None):
         self.context, self.folder, self.workers, self.progress = context, Path(folder), max(1, workers), progress
         self._pool: ProcessPoolExecutor | None = None
+        self.trained = 0
 
     def __enter__(self) -> RunExecutor:
         return self
@@ -55,6 +58,7 @@ class RunExecutor:
             self._pool = None
 
     def _advance(self, spec: RunSpec) -> None:
+        self.trained += 1
         if self.progress is not None:
             if self.progress.total is not None and self.progress.n >= self.progress.total:
                 self.progress.total = self.progress.n + 1  # a grid was extended beyond the plan

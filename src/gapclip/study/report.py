@@ -25,10 +25,11 @@ def _baseline_of(variant: Any, variants: list[Any]) -> Any:
 
 def summarise_regime(
     study: Any, regime: str, outcome: dict[str, Any], context: Any, *, wall_seconds: float, run_seconds: float,
-    run_count: int,
+    run_count: int, trained_count: int | None = None,
 ):
     """The ``study.json`` section of one regime. ``wall_seconds`` is this invocation's (a resumed study reads
-    finished runs back); ``run_seconds`` sums the training time recorded by each of its ``run_count`` runs."""
+    finished runs back), in which ``trained_count`` of the runs were trained; ``run_seconds`` sums the training time
+    recorded by each of its ``run_count`` runs, whenever they ran."""
     variants = [v for v in study.settings.variants() if v.name in outcome["runs"]]
     text_to_image = np.concatenate(
         [np.full(len(captions), row) for row, captions in enumerate(context.test["captions"])]
@@ -93,6 +94,7 @@ def summarise_regime(
         "wall_seconds": round(wall_seconds, 1),
         "run_seconds": round(run_seconds, 1),
         "run_count": run_count,
+        "trained_count": trained_count,
     }
 
 
@@ -173,6 +175,17 @@ def _table(methods: dict[str, Any], names: list[str]) -> list[str]:
     return lines + [_row(name, methods[name]) for name in names]
 
 
+def _invocation(section: dict[str, Any]) -> str:
+    """What this invocation did of a regime's runs: a read-back's wall time says nothing about the runs' own."""
+    trained, wall = section.get("trained_count"), section["wall_seconds"] / 60
+    if trained is None:  # a report written before the count was kept
+        return f"{wall:.1f} min wall in this invocation"
+    if trained == 0:
+        return "all read back from earlier invocations: none trained in this one"
+    read_back = section["run_count"] - trained
+    return f"{trained} trained in this invocation, {wall:.1f} min wall" + (f"; {read_back} read back" if read_back else "")
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     lines = ["# Method study", ""]
     settings = results["settings"]
@@ -204,7 +217,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"Each run: a cosine schedule of its base loss's selected length, the epoch with the best validation RSUM "
             f"kept. {section['run_count']} runs, {section['run_seconds'] / 60:.1f} min of run time summed over them "
-            f"({section['wall_seconds'] / 60:.1f} min wall in this invocation)."
+            f"({_invocation(section)})."
         )
         if section.get("start_digest"):
             lines.append(f"Start: `{section['start']}`, weights digest `{section['start_digest']}` (runs are cached "

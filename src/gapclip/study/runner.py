@@ -479,7 +479,7 @@ class MethodStudy:
                 outcome = self._stages(regime, available, fetch)
             results["regimes"][regime] = summarise_regime(
                 self, regime, outcome, context, wall_seconds=time.time() - regime_start,
-                run_seconds=sum(run_seconds.values()), run_count=len(run_seconds),
+                run_seconds=sum(run_seconds.values()), run_count=len(run_seconds), trained_count=executor.trained,
             )
             results["regimes"][regime]["plan"] = plan
             write_reports(self, results, started)
