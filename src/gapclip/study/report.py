@@ -25,7 +25,7 @@ def _baseline_of(variant: Any, variants: list[Any]) -> Any:
 
 def summarise_regime(
     study: Any, regime: str, outcome: dict[str, Any], context: Any, *, wall_seconds: float, run_seconds: float,
-    run_count: int, trained_count: int | None = None,
+    run_count: int, trained_count: int,
 ):
     """The ``study.json`` section of one regime. ``wall_seconds`` is this invocation's (a resumed study reads
     finished runs back), in which ``trained_count`` of the runs were trained; ``run_seconds`` sums the training time
@@ -177,9 +177,7 @@ def _table(methods: dict[str, Any], names: list[str]) -> list[str]:
 
 def _invocation(section: dict[str, Any]) -> str:
     """What this invocation did of a regime's runs: a read-back's wall time says nothing about the runs' own."""
-    trained, wall = section.get("trained_count"), section["wall_seconds"] / 60
-    if trained is None:  # a report written before the count was kept
-        return f"{wall:.1f} min wall in this invocation"
+    trained, wall = section["trained_count"], section["wall_seconds"] / 60
     if trained == 0:
         return "all read back from earlier invocations: none trained in this one"
     read_back = section["run_count"] - trained
