@@ -124,7 +124,8 @@ class StudyArguments:
     fixed_weights: str | None = field(
         default=None,
         metadata={"help": "Terms whose weight is given, not selected (no stage-2 runs for them), e.g. "
-                          "'dias_dim=1,dias_inter=0.0005': to rerun rows at the weights an earlier study selected."},
+                          "'dias_dim=1,dias_inter=0.0005': to rerun rows at the weights an earlier study selected, "
+                          "as its study.md prints them (its runs at those float32 values are read back)."},
     )
     weight_centres: str | None = field(
         default=None,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .runs import RunContext, RunSpec, load_run, run_key, train_and_save
+from .runs import RunContext, RunSpec, RunStore, load_run, train_and_save
 
 __all__ = ["RunExecutor", "default_workers"]
 
@@ -47,6 +47,7 @@ class RunExecutor:
     def __init__(self, context: RunContext, folder: Path, *, workers: int = 1, progress: Any = None):
         self.context, self.folder, self.workers, self.progress = context, Path(folder), max(1, workers), progress
         self._pool: ProcessPoolExecutor | None = None
+        self._store = RunStore(self.folder, context.key)
         self.trained = 0
 
     def __enter__(self) -> RunExecutor:
@@ -66,7 +67,7 @@ class RunExecutor:
             self.progress.update(1)
 
     def fetch(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
-        keys = [run_key(spec, self.context.key) for spec in specs]
+        keys = [self._store.key(spec) for spec in specs]
         todo: dict[str, RunSpec] = {}
         for spec, key in zip(specs, keys):
             if key not in todo and load_run(self.folder, key) is None:

@@ -43,7 +43,7 @@ from transformers.utils import logging
 
 from .report import summarise_regime, write_reports
 from .pool import RunExecutor, default_workers
-from .runs import RunContext, RunSpec, load_run, run_key
+from .runs import RunContext, RunSpec, RunStore, load_run
 from .variants import BASELINES, SWEEPS, Variant, default_variants
 
 logger = logging.get_logger(__name__)
@@ -493,11 +493,12 @@ class MethodStudy:
         lengths they cause) are provisional until it has run: the counts are then estimates."""
         seen: set[str] = set()
         missing: dict[str, RunSpec] = {}
+        store = RunStore(folder, context.key)
 
         def fetch(specs: list[RunSpec]) -> list[dict]:
             records = []
             for spec in specs:
-                key = run_key(spec, context.key)
+                key = store.key(spec)
                 seen.add(key)
                 record = load_run(folder, key)
                 if record is None:

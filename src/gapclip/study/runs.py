@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..inference import embed_caption_dataset
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["RunSpec", "evaluate_split", "load_run", "run_key", "train_and_evaluate", "train_and_save"]
+__all__ = ["RunSpec", "RunStore", "evaluate_split", "load_run", "run_key", "train_and_evaluate", "train_and_save"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,59 @@ def run_key(spec: RunSpec, context_key: str) -> str:
         payload["revision"] = BASE_LOSS_REVISIONS[spec.base]
     digest = hashlib.sha1(json.dumps([context_key, payload], sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16]
+
+
+def _as_float32_weights(spec: RunSpec) -> RunSpec:
+    return replace(spec, gap_terms=tuple((name, float(np.float32(w)), opts) for name, w, opts in spec.gap_terms))
+
+
+def _spec_of_finished_run(path: Path) -> RunSpec | None:
+    """The spec the record at ``path`` was trained on; ``None`` for a record that is not a run's or whose ranks are
+    missing (:func:`load_run` would not return it)."""
+    try:
+        record = json.loads(path.read_text())
+        if record["test"] is not None and not path.with_suffix(".npz").is_file():
+            return None
+        spec = record["spec"]
+        terms = tuple((name, float(w), tuple(tuple(o) for o in opts)) for name, w, opts in spec["gap_terms"])
+        return RunSpec(**{**spec, "gap_terms": terms})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class RunStore:
+    """The finished runs in ``folder`` of the study context ``context_key``, found by their spec.
+
+    A run is saved under :func:`run_key` of its spec. A weight that stage 2's grid makes as a product (0.1 × 0.1 =
+    0.010000000000000002) and the same weight typed in (``--fixed_weights dias_intra=0.01``) hash to different keys,
+    yet multiply the float32 losses as one float32 value: the runs are the same computation. So when a spec's own
+    key is not on disk, the run of a spec that differs from it only in weights of the same float32 value is read
+    back instead of training it again (keys stay as they were: every committed run is still found under its own)."""
+
+    def __init__(self, folder: Path, context_key: str):
+        self.folder, self.context_key = Path(folder), context_key
+        self._by_float32_spec: dict[str, str] | None = None
+
+    def key(self, spec: RunSpec) -> str:
+        """The key ``spec``'s run is saved under, or is to be trained under when it has not run yet."""
+        exact = run_key(spec, self.context_key)
+        if (self.folder / f"{exact}.json").is_file():
+            return exact
+        # registered even when nothing matches, so an equivalent spec later in this study shares the run to come
+        found = self._index().setdefault(run_key(_as_float32_weights(spec), self.context_key), exact)
+        if found != exact:
+            logger.info(f"Run {spec.label!r}: reading back {found}, the same run with its weights as other floats.")
+        return found
+
+    def _index(self) -> dict[str, str]:
+        if self._by_float32_spec is None:
+            self._by_float32_spec = {}
+            for path in sorted(self.folder.glob("*.json")):
+                spec = _spec_of_finished_run(path)
+                # only a record of this context, saved under its own spec's key
+                if spec is not None and run_key(spec, self.context_key) == path.stem:
+                    self._by_float32_spec.setdefault(run_key(_as_float32_weights(spec), self.context_key), path.stem)
+        return self._by_float32_spec
 
 
 @dataclass
