@@ -83,7 +83,7 @@ def _spec_of_finished_run(path: Path) -> RunSpec | None:
     missing (:func:`load_run` would not return it)."""
     try:
         record = json.loads(path.read_text())
-        if record["test"] is not None and not path.with_suffix(".npz").is_file():
+        if _ranks_missing(record, path.with_suffix(".npz")):
             return None
         spec = record["spec"]
         terms = tuple((name, float(w), tuple(tuple(o) for o in opts)) for name, w, opts in spec["gap_terms"])
@@ -336,6 +336,11 @@ def save_run(folder: Path, key: str, result: dict[str, Any]) -> None:
     tmp.replace(folder / f"{key}.json")
 
 
+def _ranks_missing(record: dict[str, Any], ranks_path: Path) -> bool:
+    """A record with test results but no ranks file is not a finished run (:func:`save_run` writes the ranks first)."""
+    return record.get("test") is not None and not ranks_path.is_file()
+
+
 def load_run(folder: Path, key: str) -> dict[str, Any] | None:
     """The saved record of a finished run (``None`` if it never finished), with its ranks under ``"ranks"``."""
     path = folder / f"{key}.json"
@@ -343,9 +348,9 @@ def load_run(folder: Path, key: str) -> dict[str, Any] | None:
         return None
     record = json.loads(path.read_text())
     ranks_path = folder / f"{key}.npz"
+    if _ranks_missing(record, ranks_path):
+        return None
     if record.get("test") is not None:
-        if not ranks_path.is_file():
-            return None
         with np.load(ranks_path) as data:
             record["ranks"] = {"i2t": data["i2t"], "t2i": data["t2i"]}
     return record
