@@ -215,7 +215,11 @@ def test_search_flags_reach_the_settings(tmp_path):
     settings = study_args.settings()
     assert settings.coordinate_rounds == 1 and settings.max_grid_extensions == 0
     default, _ = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
-    assert default.settings().coordinate_rounds == 3
+    assert default.settings().coordinate_rounds == 3 and default.settings().seeds_every_row is False
+    every_row, _ = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--seeds_every_row", "--variants", "Triplet, K-means batches"])
+    assert every_row.settings().seeds_every_row is True
+    assert every_row.settings().variant_names == ("Triplet, K-means batches",)
     with pytest.raises(ValueError, match="coordinate_rounds"):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--coordinate_rounds", "0"])[0].settings()
 

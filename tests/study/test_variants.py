@@ -56,6 +56,34 @@ def test_dias_ablations_differ_from_the_full_method_in_one_thing_each():
     assert literal_dim[0]["options"] == {"correlation_transform": "none"}
 
 
+def test_the_k_means_control_is_optional_and_is_the_full_dias_without_its_terms(tmp_path):
+    """"Triplet, K-means batches" answers whether the full DIAS's gain is its terms' or its batches': the triplet
+    baseline on DIAS's batches. It was added after full studies were committed, so only a study that names it runs it
+    (the default plan, and so every committed folder's, is unchanged)."""
+    rows = {v.name: v for v in default_variants()}
+    control = rows["Triplet, K-means batches"]
+    assert control.optional and not control.main and not control.terms and not control.is_baseline
+    for name in ("DIAS (full: K-means batches, sparse)", "DIAS, dense constraints", "DIAS, literal Eq. 14 mask"):
+        row = rows[name]
+        assert row.control == control.name and (row.base, row.sampler) == (control.base, control.sampler)
+    assert [v.name for v in default_variants() if v.optional] == [control.name]
+    assert all(v.control is None for v in default_variants() if v.sampler == "random")
+    everything = {"translation", "teacher"}
+    default = MethodStudy(StudySettings(), data_args=None, output_dir=tmp_path)
+    assert control.name not in [v.name for v in default.available_variants(everything)]
+    dias_only = MethodStudy(StudySettings(families=("DIAS",)), data_args=None, output_dir=tmp_path)
+    assert control.name not in [v.name for v in dias_only.available_variants(everything)]
+    named = MethodStudy(StudySettings(seeds=3, variant_names=(control.name, "DIAS, random batches")), data_args=None,
+                        output_dir=tmp_path)
+    assert [v.name for v in named.available_variants(everything)] == [
+        "Triplet baseline", "DIAS, random batches", control.name]
+    assert [named.seeds_of(v) for v in named.available_variants(everything)] == [[0, 1, 2], [0], [0]]
+    # --seeds_every_row: the named single-seed rows get every seed too
+    every = MethodStudy(replace(named.settings, seeds_every_row=True), data_args=None, output_dir=tmp_path)
+    assert [every.seeds_of(v) for v in every.available_variants(everything)] == [[0, 1, 2]] * 3
+    assert not every.is_stage_run(control, 0)  # K-means batches: no selection stage trains it
+
+
 def _recipe(name):
     spec = importlib.util.spec_from_file_location(f"_study_recipe_{name}", RECIPES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -1,5 +1,6 @@
 """``study.json`` and ``study.md``: per method the per-seed and mean ± std test metrics and the paired comparison
-with its baseline (see :mod:`gapclip.study.stats` for the statistics)."""
+with its baseline, and with its control where the study ran one (``Variant.control``: the same batches without the
+terms); see :mod:`gapclip.study.stats` for the statistics."""
 
 from __future__ import annotations
 
@@ -21,6 +22,32 @@ _HEADERS = ("i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "RSUM", "Gap")
 
 def _baseline_of(variant: Any, variants: list[Any]) -> Any:
     return next(v for v in variants if v.base == variant.base and v.is_baseline)
+
+
+def _compare(study: Any, finished: dict[int, Any], other: Any, outcome: dict[str, Any], text_to_image: np.ndarray):
+    """The paired comparison of a row's finished runs with row ``other``'s (its baseline, or its control) on the seeds
+    both have: RSUM by cluster bootstrap over test images and by t-test over seeds, the gap by t-test over seeds."""
+    other_runs = {s: r for s, r in outcome["runs"][other.name].items() if r.get("test") is not None}
+    shared = sorted(set(finished) & set(other_runs))
+    if not shared:
+        return None
+    bootstrap = cluster_bootstrap_rsum(
+        [(finished[s]["ranks"]["i2t"], finished[s]["ranks"]["t2i"]) for s in shared],
+        [(other_runs[s]["ranks"]["i2t"], other_runs[s]["ranks"]["t2i"]) for s in shared],
+        text_to_image, num_resamples=study.settings.bootstrap_resamples,
+    )
+    seed_rsum = paired_seed_test(
+        {s: finished[s]["test"]["rsum"] for s in shared}, {s: other_runs[s]["test"]["rsum"] for s in shared}
+    )
+    seed_gap = paired_seed_test(
+        {s: finished[s]["test"]["modality_gap"] for s in shared},
+        {s: other_runs[s]["test"]["modality_gap"] for s in shared},
+    )
+    return {
+        "seeds": shared,
+        "rsum": {"bootstrap": bootstrap, "seeds": seed_rsum, "verdict": verdict(bootstrap, seed_rsum)},
+        "modality_gap": {"seeds": seed_gap},
+    }
 
 
 def summarise_regime(
@@ -55,31 +82,18 @@ def summarise_regime(
         entry["vs_baseline"] = None
         if not variant.is_baseline and finished:
             baseline = _baseline_of(variant, variants)
-            base_runs = {s: r for s, r in outcome["runs"][baseline.name].items() if r.get("test") is not None}
-            shared = sorted(set(finished) & set(base_runs))
-            if shared:
-                bootstrap = cluster_bootstrap_rsum(
-                    [(finished[s]["ranks"]["i2t"], finished[s]["ranks"]["t2i"]) for s in shared],
-                    [(base_runs[s]["ranks"]["i2t"], base_runs[s]["ranks"]["t2i"]) for s in shared],
-                    text_to_image, num_resamples=study.settings.bootstrap_resamples,
-                )
-                seed_rsum = paired_seed_test(
-                    {s: finished[s]["test"]["rsum"] for s in shared}, {s: base_runs[s]["test"]["rsum"] for s in shared}
-                )
-                seed_gap = paired_seed_test(
-                    {s: finished[s]["test"]["modality_gap"] for s in shared},
-                    {s: base_runs[s]["test"]["modality_gap"] for s in shared},
-                )
-                entry["vs_baseline"] = {
-                    "baseline": baseline.name, "seeds": shared,
-                    "rsum": {"bootstrap": bootstrap, "seeds": seed_rsum, "verdict": verdict(bootstrap, seed_rsum)},
-                    "modality_gap": {"seeds": seed_gap},
-                }
+            vs = _compare(study, finished, baseline, outcome, text_to_image)
+            entry["vs_baseline"] = vs and {"baseline": baseline.name, **vs}
+        control = next((v for v in variants if v.name == variant.control), None)
+        if control is not None and finished:  # only when the study ran the control too (it may be an optional row)
+            vs = _compare(study, finished, control, outcome, text_to_image)
+            entry["vs_control"] = vs and {"control": control.name, **vs}
         methods[variant.name] = entry
     # the regime's comparisons are one family: the more rows a study compares, the more reach p < 0.05 by chance
-    compared = {name: e["vs_baseline"]["rsum"]["bootstrap"]["p"] for name, e in methods.items() if e["vs_baseline"]}
-    for name, p in holm(compared).items():
-        methods[name]["vs_baseline"]["rsum"]["holm"] = {"p": p, "family_size": len(compared)}
+    compared = {(name, kind): e[kind]["rsum"]["bootstrap"]["p"]
+                for name, e in methods.items() for kind in ("vs_baseline", "vs_control") if e.get(kind)}
+    for (name, kind), p in holm(compared).items():
+        methods[name][kind]["rsum"]["holm"] = {"p": p, "family_size": len(compared)}
     return {
         "start": context.extra.get("start"),
         "start_digest": context.extra.get("start_digest"),  # config and weights by content: which start, exactly
@@ -146,19 +160,34 @@ def _row(name: str, entry: dict[str, Any]) -> str:
     if not n:
         return f"| {name} | 0 | " + " | ".join("diverged" for _ in METRICS) + " | | | | | |"
     cells = [_cell(entry["mean"][m], entry["std"][m], n, 3 if m == "modality_gap" else 1) for m in METRICS]
-    comparison = ["", "", "", "", ""]
-    vs = entry.get("vs_baseline")
-    if vs:
-        boot, seeds, gap = vs["rsum"]["bootstrap"], vs["rsum"]["seeds"], vs["modality_gap"]["seeds"]
-        comparison = [
-            f"{boot['diff']:+.1f} [{boot['ci_low']:+.1f}, {boot['ci_high']:+.1f}]",
-            _holm_cell(vs["rsum"].get("holm"), boot["num_resamples"]),
-            "" if seeds["p"] is None else f"{seeds['p']:.3f}",
-            f"{gap['diff']:+.3f}",
-            vs["rsum"]["verdict"],
-        ]
+    comparison = _comparison_cells(entry.get("vs_baseline"))
     diverged = f" ({len(entry['diverged_seeds'])} diverged)" if entry["diverged_seeds"] else ""
     return f"| {name} | {n}{diverged} | " + " | ".join(cells + comparison) + " |"
+
+
+def _comparison_cells(vs: dict[str, Any] | None) -> list[str]:
+    """ΔRSUM [95% CI], p (Holm), p (seeds), ΔGap and the verdict of one comparison (blank without one)."""
+    if not vs:
+        return ["", "", "", "", ""]
+    boot, seeds, gap = vs["rsum"]["bootstrap"], vs["rsum"]["seeds"], vs["modality_gap"]["seeds"]
+    return [
+        f"{boot['diff']:+.1f} [{boot['ci_low']:+.1f}, {boot['ci_high']:+.1f}]",
+        _holm_cell(vs["rsum"].get("holm"), boot["num_resamples"]),
+        "" if seeds["p"] is None else f"{seeds['p']:.3f}",
+        f"{gap['diff']:+.3f}",
+        vs["rsum"]["verdict"],
+    ]
+
+
+def _control_table(methods: dict[str, Any]) -> list[str]:
+    """The rows compared with their control (the same batches without the terms) as well as with their baseline."""
+    header = ["Method", "Control", "Seeds", "ΔRSUM [95% CI]", "p (Holm)", "p (seeds)", "ΔGap", "Verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|"]
+    return lines + [
+        f"| {name} | {e['vs_control']['control']} | {len(e['vs_control']['seeds'])} | "
+        + " | ".join(_comparison_cells(e["vs_control"])) + " |"
+        for name, e in methods.items() if e.get("vs_control")
+    ]
 
 
 def _holm_cell(holm: dict[str, Any] | None, num_resamples: int) -> str:
@@ -272,7 +301,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         single = [name for name, entry in methods.items() if not entry["main_table"]]
         lines += ["", "### Main table: test split, mean ± std over seeds", ""] + _table(methods, main)
         if single:
-            lines += ["", "### Other variants: test split, one seed", ""] + _table(methods, single)
+            seeds = "one seed" if all(len(methods[n]["seeds"]) < 2 for n in single) else "mean ± std over seeds"
+            lines += ["", f"### Other variants: test split, {seeds}", ""] + _table(methods, single)
+        if any(entry.get("vs_control") for entry in methods.values()):
+            lines += ["", "### Against the same batches without the terms (the terms' own effect)", "",
+                      "ΔRSUM and ΔGap: the row minus its control, the row with the same base loss and batches and no "
+                      "term, on the seeds both have; statistics and Holm family as above.", ""]
+            lines += _control_table(methods)
     return "\n".join(lines) + "\n"
 
 

@@ -62,10 +62,13 @@ class StudySettings:
 
     Args:
         regimes: ``("pretrained", "scratch")`` or one of them.
-        seeds: seeds of the main table (the other variants run on the first seed).
+        seeds: seeds of the main table (the other variants run on the first seed, unless ``seeds_every_row``).
+        seeds_every_row: every row runs on ``seeds`` seeds, not only the main table's (with ``variant_names``: to
+            give chosen single-seed rows more seeds).
         families: method families to study (with the baselines of their base losses).
         variant_names: only these rows (names as in the tables, e.g. ``"+CSA"``), with the baselines of their base
-            losses; empty: every row of ``families``. With one-value grids it reruns chosen rows under other settings
+            losses (an optional row, ``Variant.optional``, runs only when named here); empty: every non-optional
+            row of ``families``. With one-value grids it reruns chosen rows under other settings
             (e.g. a longer schedule) without the rest of the study.
         learning_rates: per regime, the learning-rate grid of stage 1.
         epochs: per regime, the schedule lengths (epochs of the cosine schedule) stage 0 chooses from; one value fixes
@@ -90,6 +93,7 @@ class StudySettings:
 
     regimes: tuple[str, ...] = REGIMES
     seeds: int = 3
+    seeds_every_row: bool = False
     families: tuple[str, ...] = FAMILIES
     learning_rates: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {"pretrained": (3e-5, 1e-4, 3e-4), "scratch": (3e-4, 1e-3, 3e-3)}
@@ -167,9 +171,10 @@ class StudySettings:
     def variants(self) -> list[Variant]:
         """The rows of the requested families (or the named rows), and the baselines of the base losses they use."""
         named = set(self.variant_names)
-        rows = [v for v in default_variants() if (v.name in named if named else v.family in self.families)]
+        every = default_variants()
+        rows = [v for v in every if (v.name in named if named else v.family in self.families and not v.optional)]
         bases = {v.base for v in rows}
-        return [v for v in default_variants() if v in rows or (v.family == "baseline" and v.base in bases)]
+        return [v for v in every if v in rows or (v.family == "baseline" and v.base in bases)]
 
 
 class MethodStudy:
@@ -220,7 +225,7 @@ class MethodStudy:
         return tuple(float(f"{float(centre) * f:.12g}") for f in self.settings.weight_factors)
 
     def seeds_of(self, variant: Variant) -> list[int]:
-        return list(range(self.settings.seeds)) if variant.main else [0]
+        return list(range(self.settings.seeds)) if variant.main or self.settings.seeds_every_row else [0]
 
     @staticmethod
     def is_stage_run(variant: Variant, seed: int) -> bool:

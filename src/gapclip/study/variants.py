@@ -89,7 +89,12 @@ class Variant:
         base: ``"infonce"`` or ``"triplet"`` (its baseline is the row with the same base and no term).
         terms: the gap terms.
         sampler: ``"random"`` batches, or DIAS's ``"kmeans"`` neighbour batches.
-        main: in the multi-seed main table (baselines, each term alone, each full method); otherwise one seed.
+        main: in the multi-seed main table (baselines, each term alone, each full method); otherwise one seed
+            (unless ``StudySettings.seeds_every_row``).
+        optional: not in a study unless named (``--variants``): rows added after full studies were committed, which
+            must not change those studies' plans.
+        control: the row this one is also compared with when both are in a study (besides its baseline): the same
+            batches without the terms, so that a difference is the terms' and not the batches'.
     """
 
     name: str
@@ -98,6 +103,8 @@ class Variant:
     terms: tuple[TermUse, ...] = ()
     sampler: str = "random"
     main: bool = False
+    optional: bool = False
+    control: str | None = None
 
     @property
     def needs(self) -> frozenset[str]:
@@ -125,8 +132,11 @@ _DENSE = (("sparse", False),)
 _LITERAL_EQ14 = (("selection", "difference"),)
 
 
+_KMEANS_CONTROL = "Triplet, K-means batches"
+
+
 def default_variants() -> list[Variant]:
-    """Every row of the study, in table order."""
+    """Every row of the study, in table order (the ``optional`` ones only when named)."""
     return [
         Variant("InfoNCE baseline", "baseline", "infonce", main=True),
         Variant("Triplet baseline", "baseline", "triplet", main=True),
@@ -143,13 +153,17 @@ def default_variants() -> list[Variant]:
         Variant("+L_dim (literal Eq. 6)", "DIAS", "triplet", (TermUse("dias_dim_literal"),)),
         Variant("+L_inter (sparse)", "DIAS", "triplet", (TermUse("dias_inter"),), main=True),
         Variant("+L_intra (sparse)", "DIAS", "triplet", (TermUse("dias_intra"),), main=True),
-        Variant("DIAS (full: K-means batches, sparse)", "DIAS", "triplet", _DIAS_FULL, "kmeans", main=True),
+        Variant("DIAS (full: K-means batches, sparse)", "DIAS", "triplet", _DIAS_FULL, "kmeans", main=True,
+                control=_KMEANS_CONTROL),
         Variant("DIAS, dense constraints", "DIAS", "triplet",
-                (TermUse("dias_dim"), TermUse("dias_inter", _DENSE), TermUse("dias_intra", _DENSE)), "kmeans"),
+                (TermUse("dias_dim"), TermUse("dias_inter", _DENSE), TermUse("dias_intra", _DENSE)), "kmeans",
+                control=_KMEANS_CONTROL),
         Variant("DIAS, literal Eq. 14 mask", "DIAS", "triplet",
                 (TermUse("dias_dim"), TermUse("dias_inter", _LITERAL_EQ14), TermUse("dias_intra", _LITERAL_EQ14)),
-                "kmeans"),
+                "kmeans", control=_KMEANS_CONTROL),
         Variant("DIAS, random batches", "DIAS", "triplet", _DIAS_FULL),
+        # the other half of the batches-vs-terms question "DIAS, random batches" asks: the K-means batches alone
+        Variant(_KMEANS_CONTROL, "DIAS", "triplet", (), "kmeans", optional=True),
         # CUSA (paper Table 5)
         Variant("+CSA", "CUSA", "infonce", (TermUse("csa"),), main=True),
         Variant("+USA", "CUSA", "infonce", (TermUse("usa"),), main=True),
