@@ -97,15 +97,16 @@ class StudyArguments:
     regime: str = field(default="both", metadata={"help": "pretrained | scratch | both"})
     seeds: int = field(default=3, metadata={"help": "Seeds of the main table (other variants: the first seed)."})
     seeds_every_row: bool = field(
-        default=False, metadata={"help": "Every row runs on --seeds seeds, not only the main table's (with --variants: "
-                                         "more seeds for chosen single-seed rows)."}
+        default=False,
+        metadata={"help": "Every row runs on --seeds seeds, not only the main table's (with --variants: more seeds "
+                          "for chosen single-seed rows)."},
     )
     families: str = field(default="all", metadata={"help": f"all, or a comma-separated subset of {list(FAMILIES)}."})
     variants: str | None = field(
         default=None,
         metadata={"help": "Only these rows, separated by ';' (names as in study.md, e.g. '+CSA;+L_intra (sparse)'), "
-                          "with their baselines; overrides --families. Optional rows (e.g. 'Triplet, K-means batches') run only "
-                          "when named here."},
+                          "with their baselines; overrides --families. Optional rows (e.g. 'Triplet, K-means "
+                          "batches') run only when named here."},
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Pretrained start (default: the demo CLIP of recipes/pretrain_demo.py)."}

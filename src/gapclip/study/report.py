@@ -24,10 +24,10 @@ def _baseline_of(variant: Any, variants: list[Any]) -> Any:
     return next(v for v in variants if v.base == variant.base and v.is_baseline)
 
 
-def _compare(study: Any, finished: dict[int, Any], other: Any, outcome: dict[str, Any], text_to_image: np.ndarray):
-    """The paired comparison of a row's finished runs with row ``other``'s (its baseline, or its control) on the seeds
-    both have: RSUM by cluster bootstrap over test images and by t-test over seeds, the gap by t-test over seeds."""
-    other_runs = {s: r for s, r in outcome["runs"][other.name].items() if r.get("test") is not None}
+def _compare(study: Any, finished: dict[int, Any], other_runs: dict[int, Any], text_to_image: np.ndarray):
+    """The paired comparison of a row's finished runs with another row's (its baseline's, or its control's) on the
+    seeds both have: RSUM by cluster bootstrap over test images and by t-test over seeds, the gap by t-test over
+    seeds."""
     shared = sorted(set(finished) & set(other_runs))
     if not shared:
         return None
@@ -61,10 +61,13 @@ def summarise_regime(
     text_to_image = np.concatenate(
         [np.full(len(captions), row) for row, captions in enumerate(context.test["captions"])]
     )
+    finished_runs = {  # by row, the runs that did not diverge
+        v.name: {seed: r for seed, r in outcome["runs"][v.name].items() if r.get("test") is not None} for v in variants
+    }
     methods: dict[str, Any] = {}
     for variant in variants:
         runs = outcome["runs"][variant.name]
-        finished = {seed: r for seed, r in runs.items() if r.get("test") is not None}
+        finished = finished_runs[variant.name]
         entry: dict[str, Any] = {
             "family": variant.family, "base": variant.base, "sampler": variant.sampler, "main_table": variant.main,
             "terms": variant.gap_terms(outcome["weights"]), "learning_rate": outcome["learning_rate"][variant.base],
@@ -82,11 +85,11 @@ def summarise_regime(
         entry["vs_baseline"] = None
         if not variant.is_baseline and finished:
             baseline = _baseline_of(variant, variants)
-            vs = _compare(study, finished, baseline, outcome, text_to_image)
+            vs = _compare(study, finished, finished_runs[baseline.name], text_to_image)
             entry["vs_baseline"] = vs and {"baseline": baseline.name, **vs}
         control = next((v for v in variants if v.name == variant.control), None)
         if control is not None and finished:  # only when the study ran the control too (it may be an optional row)
-            vs = _compare(study, finished, control, outcome, text_to_image)
+            vs = _compare(study, finished, finished_runs[control.name], text_to_image)
             entry["vs_control"] = vs and {"control": control.name, **vs}
         methods[variant.name] = entry
     # the regime's comparisons are one family: the more rows a study compares, the more reach p < 0.05 by chance
