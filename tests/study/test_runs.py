@@ -75,3 +75,33 @@ def test_equivalent_specs_not_run_yet_share_the_run_to_come(tmp_path):
     first = store.key(_dias_intra(0.01))
     assert first == run_key(_dias_intra(0.01), "ctx")
     assert store.key(_dias_intra(0.1 * 0.1)) == first
+
+
+def test_the_executor_reads_each_finished_run_once_and_trains_each_missing_run_once(tmp_path, monkeypatch):
+    from gapclip.study import pool
+    from gapclip.study.runs import RunContext
+
+    done = _dias_intra(0.01)
+    _save(tmp_path, done, "ctx")
+    context = RunContext(regime="scratch", train=None, validation=None, test=None, processor=None,
+                         build_backbone=None, key="ctx", work_dir=tmp_path / "work")
+    reads, trained = [], []
+
+    def counting_load_run(folder, key):
+        reads.append(key)
+        return runs.load_run(folder, key)
+
+    def fake_training(spec, key, context, folder):
+        trained.append(key)
+        _save(folder, spec, context.key)
+
+    monkeypatch.setattr(pool, "load_run", counting_load_run)
+    monkeypatch.setattr(pool, "train_and_save", fake_training)
+    missing = _dias_intra(0.02)
+    with pool.RunExecutor(context, tmp_path, workers=1) as executor:
+        records = executor.fetch([done, missing, _dias_intra(0.1 * 0.1), missing])
+    done_key, missing_key = run_key(done, "ctx"), run_key(missing, "ctx")
+    assert trained == [missing_key] and executor.trained == 1
+    # one read to find each key on disk, one more for the run trained in between; the 0.1 × 0.1 spec is the 0.01 run
+    assert sorted(reads) == sorted([done_key, missing_key, missing_key])
+    assert [r["spec"]["gap_terms"][0][1] for r in records] == [0.01, 0.02, 0.01, 0.02]

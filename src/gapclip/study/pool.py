@@ -68,9 +68,12 @@ class RunExecutor:
 
     def fetch(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
         keys = [self._store.key(spec) for spec in specs]
+        records: dict[str, dict[str, Any] | None] = {}
         todo: dict[str, RunSpec] = {}
         for spec, key in zip(specs, keys):
-            if key not in todo and load_run(self.folder, key) is None:
+            if key not in records:
+                records[key] = load_run(self.folder, key)
+            if records[key] is None:
                 todo[key] = spec
         if self.workers == 1 or len(todo) <= 1:
             for key, spec in todo.items():
@@ -78,7 +81,9 @@ class RunExecutor:
                 self._advance(spec)
         else:
             self._run_in_pool(todo)
-        return [load_run(self.folder, key) for key in keys]
+        for key in todo:  # trained just now, by this process or a worker: read what was saved
+            records[key] = load_run(self.folder, key)
+        return [records[key] for key in keys]
 
     def _run_in_pool(self, todo: dict[str, RunSpec]) -> None:
         if self._pool is None:
