@@ -98,10 +98,12 @@ def test_the_executor_reads_each_finished_run_once_and_trains_each_missing_run_o
     monkeypatch.setattr(pool, "load_run", counting_load_run)
     monkeypatch.setattr(pool, "train_and_save", fake_training)
     missing = _dias_intra(0.02)
+    same_float32 = _dias_intra(float(np.float32(0.02)))  # another float, one float32 value: the same run
     with pool.RunExecutor(context, tmp_path, workers=1) as executor:
-        records = executor.fetch([done, missing, _dias_intra(0.1 * 0.1), missing])
+        records = executor.fetch([done, missing, _dias_intra(0.1 * 0.1), missing, same_float32])
     done_key, missing_key = run_key(done, "ctx"), run_key(missing, "ctx")
     assert trained == [missing_key] and executor.trained == 1
     # one read to find each key on disk, one more for the run trained in between; the 0.1 × 0.1 spec is the 0.01 run
     assert sorted(reads) == sorted([done_key, missing_key, missing_key])
-    assert [r["spec"]["gap_terms"][0][1] for r in records] == [0.01, 0.02, 0.01, 0.02]
+    # the first spec asked for is the one trained, whatever equivalent specs follow it
+    assert [r["spec"]["gap_terms"][0][1] for r in records] == [0.01, 0.02, 0.01, 0.02, 0.02]

@@ -74,7 +74,7 @@ class RunExecutor:
             if key not in records:
                 records[key] = load_run(self.folder, key)
             if records[key] is None:
-                todo[key] = spec
+                todo.setdefault(key, spec)  # equivalent specs share a key: the first one asked for is trained
         if self.workers == 1 or len(todo) <= 1:
             for key, spec in todo.items():
                 train_and_save(spec, key, self.context, self.folder)
