@@ -21,6 +21,8 @@ cached in ``OUTPUT_DIR/runs``, so an interrupted study resumes.
         --fixed_weights dias_dim=1,dias_inter=0.0005,dias_intra=0.01 --output_dir out  # one row, earlier weights
     python recipes/study_methods.py --regime pretrained --variants "+CSA" --pretrained_epochs 32 \\
         --pretrained_learning_rates 1e-4,3e-4,9e-4 --weight_centres csa=10 --output_dir out  # reselect around 10
+    python recipes/study_methods.py --regime scratch --variants "+L_dim (shifted, ours);+L_dim (literal Eq. 6)" \
+        --compare "+L_dim (literal Eq. 6) vs +L_dim (shifted, ours)" --output_dir out  # two readings, side by side
 
 Without ``--model_name_or_path`` the pretrained start is the demo CLIP of ``recipes/pretrain_demo.py`` (made on
 first use). ``--dry_run`` prints the plan and its estimated run time without training. On a GPU, ``--device cuda``
@@ -91,6 +93,19 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
+def _comparisons(text: str | None) -> tuple[tuple[str, str], ...]:
+    """``--compare 'A vs B;C vs D'`` as ``(("A", "B"), ("C", "D"))`` (row names hold commas and colons, not ' vs ')."""
+    pairs = []
+    for part in (text or "").split(";"):
+        if not part.strip():
+            continue
+        names = [name.strip() for name in part.split(" vs ")]
+        if len(names) != 2 or not all(names):
+            raise ValueError(f"--compare: {part.strip()!r} must be 'row vs other' (two row names as in study.md).")
+        pairs.append((names[0], names[1]))
+    return tuple(pairs)
+
+
 @dataclass
 class StudyArguments:
     output_dir: str = field(default="outputs/study", metadata={"help": "Where study.md, study.json and runs/ go."})
@@ -107,6 +122,12 @@ class StudyArguments:
         metadata={"help": "Only these rows, separated by ';' (names as in study.md, e.g. '+CSA;+L_intra (sparse)'), "
                           "with their baselines; overrides --families. Optional rows (e.g. 'Triplet, K-means "
                           "batches') run only when named here."},
+    )
+    compare: str | None = field(
+        default=None,
+        metadata={"help": "Further paired comparisons between rows the study runs, 'row vs other' separated by ';' "
+                          "(e.g. 'DIAS, literal Eq. 14 mask vs DIAS (full: K-means batches, sparse)'): row minus "
+                          "other, reported in their own table, outside the Holm family of the baseline comparisons."},
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Pretrained start (default: the demo CLIP of recipes/pretrain_demo.py)."}
@@ -185,6 +206,7 @@ class StudyArguments:
                     "scratch": _whole_numbers(self.scratch_epochs, "scratch_epochs")},
             stop_after=self.stop_after,
             variant_names=tuple(name.strip() for name in (self.variants or "").split(";") if name.strip()),
+            comparisons=_comparisons(self.compare),
             weight_factors=_floats(self.weight_factors, "weight_factors"),
             fixed_weights=_term_weights(self.fixed_weights, "fixed_weights"),
             weight_centres=_term_weights(self.weight_centres, "weight_centres"),

@@ -144,3 +144,5 @@ def test_a_committed_study_is_read_back_without_training(folder, tmp_path, monke
         assert replayed["plan"]["to_do"] == 0
         assert_same_figures(replayed["selection"], section["selection"], f"{folder.name}/{regime}/selection")
         assert_same_figures(replayed["methods"], section["methods"], f"{folder.name}/{regime}/methods")
+        assert_same_figures(replayed.get("comparisons"), section.get("comparisons"),
+                            f"{folder.name}/{regime}/comparisons")

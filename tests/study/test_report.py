@@ -25,10 +25,10 @@ def _run(seed: int, skill: float) -> dict:
     return {"test": test, "ranks": ranks, "best_epoch": 3}
 
 
-def _section(tmp_path, names: tuple[str, ...]):
+def _section(tmp_path, names: tuple[str, ...], comparisons=(), diverged: str | None = None):
     settings = StudySettings(regimes=("scratch",), seeds=2, seeds_every_row=True, variant_names=names,
                              fixed_weights={"dias_dim": 0.1, "dias_inter": 0.0005, "dias_intra": 0.01},
-                             bootstrap_resamples=500)
+                             bootstrap_resamples=500, comparisons=comparisons)
     study = MethodStudy(settings, data_args=None, output_dir=tmp_path)
     skills = {BASELINE: 0.2, CONTROL: 0.35, FULL: 0.5}
     outcome = {
@@ -37,6 +37,8 @@ def _section(tmp_path, names: tuple[str, ...]):
         "weights": dict(settings.fixed_weights), "learning_rate": {"triplet": 3e-4}, "epochs": {"triplet": 160},
         "selection": {"epochs": {}, "learning_rate": {}, "weights": {}},
     }
+    if diverged:  # a row whose every seed diverged: a run without test results
+        outcome["runs"][diverged] = {seed: {"test": None} for seed in (0, 1)}
     context = SimpleNamespace(test={"captions": [["a"] * CAPTIONS] * IMAGES}, extra={}, key="k")
     section = summarise_regime(study, "scratch", outcome, context, wall_seconds=0.0, run_seconds=0.0, run_count=6,
                                trained_count=0)
@@ -87,3 +89,35 @@ def test_without_its_control_a_row_is_compared_with_its_baseline_only(tmp_path):
     full = section["methods"][FULL]
     assert "vs_control" not in full and full["vs_baseline"]["rsum"]["holm"]["family_size"] == 1
     assert "Against the same batches" not in _markdown(section)
+
+
+def test_a_declared_comparison_between_two_rows_stays_out_of_the_holm_family(tmp_path):
+    """``--compare``: one row minus another with the baseline comparison's statistics, in a table of its own, its p
+    unadjusted, and the Holm family of the baseline and control comparisons as it was without it."""
+    names = (FULL, CONTROL)
+    plain, _ = _section(tmp_path, names)
+    section, outcome = _section(tmp_path, names, comparisons=((FULL, CONTROL), (CONTROL, BASELINE)))
+    for name in names:  # same statistics, same family size as without the declared comparisons
+        assert section["methods"][name] == plain["methods"][name]
+    first, second = section["comparisons"]
+    assert (first["row"], first["other"], second["row"], second["other"]) == (FULL, CONTROL, CONTROL, BASELINE)
+    # row minus other: the control comparison's figures, and the baseline comparison's for the second pair
+    assert {k: first[k] for k in ("seeds", "rsum", "modality_gap")} == {
+        k: v for k, v in section["methods"][FULL]["vs_control"].items() if k != "control"} | {
+        "rsum": {k: v for k, v in section["methods"][FULL]["vs_control"]["rsum"].items() if k != "holm"}}
+    assert "holm" not in first["rsum"] and "holm" not in second["rsum"]
+    assert second["rsum"]["bootstrap"] == section["methods"][CONTROL]["vs_baseline"]["rsum"]["bootstrap"]
+    text = _markdown(section)
+    assert "### Further comparisons between rows (`--compare`)" in text
+    declared = text.split("### Further comparisons between rows (`--compare`)")[1]
+    row = next(line for line in declared.splitlines() if line.startswith(f"| {FULL} | {CONTROL} | 2 | "))
+    boot = first["rsum"]["bootstrap"]
+    p = f"<{2.0 / boot['num_resamples']:.3f}" if boot["p"] == 0.0 else f"{boot['p']:.3f}"
+    assert f" | {boot['diff']:+.1f} [{boot['ci_low']:+.1f}, {boot['ci_high']:+.1f}] | {p} | " in row
+    assert "Further comparisons" not in _markdown(plain) and "comparisons" not in plain
+
+
+def test_a_declared_comparison_with_a_row_that_finished_no_seed_says_so(tmp_path):
+    section, _ = _section(tmp_path, (FULL, CONTROL), comparisons=((FULL, CONTROL),), diverged=CONTROL)
+    assert section["comparisons"] == [{"row": FULL, "other": CONTROL, "seeds": []}]
+    assert f"| {FULL} | {CONTROL} | 0 | not compared: no seed finished in both |" in _markdown(section)

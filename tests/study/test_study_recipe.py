@@ -244,3 +244,22 @@ def test_fixed_weights_are_parsed_into_the_settings(tmp_path):
     assert settings("--weight_centres", "csa=10,usa=0.05").weight_centres == {"csa": 10.0, "usa": 0.05}
     with pytest.raises(ValueError, match=r"^--weight_centres takes 'term=weight' pairs"):
         settings("--weight_centres", "csa=")
+
+
+def test_compare_pairs_are_parsed_into_the_settings(tmp_path):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((_study_recipe().StudyArguments, _study_recipe().DataArguments))
+
+    def settings(*argv):
+        return parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), *argv])[0].settings()
+
+    literal, ours = "DIAS, literal Eq. 14 mask", "DIAS (full: K-means batches, sparse)"
+    assert settings().comparisons == ()
+    assert settings("--variants", f"{literal};{ours}", "--compare", f" {literal} vs {ours} ;").comparisons == (
+        (literal, ours),)  # commas and a colon inside row names, spaces and an empty part around them
+    for bad in (literal, f"{literal} vs ", f"{literal} vs {ours} vs {literal}"):
+        with pytest.raises(ValueError, match=r"^--compare: .* must be 'row vs other'"):
+            settings("--variants", f"{literal};{ours}", "--compare", bad)
+    with pytest.raises(ValueError, match=r"comparisons \(--compare\): \['DIAS, literal Eq. 14 mask'\] not among"):
+        settings("--variants", ours, "--compare", f"{literal} vs {ours}")

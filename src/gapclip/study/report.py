@@ -97,7 +97,9 @@ def summarise_regime(
                 for name, e in methods.items() for kind in ("vs_baseline", "vs_control") if e.get(kind)}
     for (name, kind), p in holm(compared).items():
         methods[name][kind]["rsum"]["holm"] = {"p": p, "family_size": len(compared)}
+    declared = _declared_comparisons(study, finished_runs, text_to_image)
     return {
+        **({"comparisons": declared} if declared else {}),
         "start": context.extra.get("start"),
         "start_digest": context.extra.get("start_digest"),  # config and weights by content: which start, exactly
         "cache_key": context.key,  # the context part of every run's key (runs/<regime>/<run key>.json)
@@ -113,6 +115,19 @@ def summarise_regime(
         "run_count": run_count,
         "trained_count": trained_count,
     }
+
+
+def _declared_comparisons(study: Any, finished_runs: dict[str, dict[int, Any]], text_to_image: np.ndarray):
+    """``StudySettings.comparisons``: each ``row`` minus ``other`` on the seeds both finished, with the statistics of
+    :func:`_compare`. They are further questions a study was designed to ask (e.g. one equation read two ways), so they
+    stay out of the Holm family of the baseline and control comparisons: their p is the bootstrap's, unadjusted."""
+    declared = []
+    for row, other in study.settings.comparisons:
+        vs = None
+        if row in finished_runs and other in finished_runs:  # a row whose data lacks what it needs did not run
+            vs = _compare(study, finished_runs[row], finished_runs[other], text_to_image)
+        declared.append({"row": row, "other": other, **(vs or {"seeds": []})})
+    return declared
 
 
 def _machine() -> dict[str, Any]:
@@ -191,6 +206,20 @@ def _control_table(methods: dict[str, Any]) -> list[str]:
         + " | ".join(_comparison_cells(e["vs_control"])) + " |"
         for name, e in methods.items() if e.get("vs_control")
     ]
+
+
+def _declared_table(comparisons: list[dict[str, Any]]) -> list[str]:
+    header = ["Row", "Minus", "Seeds", "ΔRSUM [95% CI]", "p (bootstrap)", "p (seeds)", "ΔGap", "Verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|"]
+    for c in comparisons:
+        if not c["seeds"]:
+            lines.append(f"| {c['row']} | {c['other']} | 0 | not compared: no seed finished in both | | | | |")
+            continue
+        cells = _comparison_cells(c)
+        boot = c["rsum"]["bootstrap"]
+        cells[1] = _holm_cell({"p": boot["p"], "family_size": 1}, boot["num_resamples"])
+        lines.append(f"| {c['row']} | {c['other']} | {len(c['seeds'])} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _holm_cell(holm: dict[str, Any] | None, num_resamples: int) -> str:
@@ -311,6 +340,11 @@ def render_markdown(results: dict[str, Any]) -> str:
                       "ΔRSUM and ΔGap: the row minus its control, the row with the same base loss and batches and no "
                       "term, on the seeds both have; statistics and Holm family as above.", ""]
             lines += _control_table(methods)
+        if section.get("comparisons"):
+            lines += ["", "### Further comparisons between rows (`--compare`)", "",
+                      "ΔRSUM and ΔGap: the row minus the other row, on the seeds both have; statistics as above, but "
+                      "outside the Holm family: p (bootstrap) is unadjusted.", ""]
+            lines += _declared_table(section["comparisons"])
     return "\n".join(lines) + "\n"
 
 

@@ -89,6 +89,9 @@ class StudySettings:
             first use, at ``image_size``).
         image_size: image size of the demo data, of the demo pretraining and of a from-scratch model.
         pretrain_overrides: ``gapclip.pretrain.PretrainSettings`` fields for the default pretrained start.
+        comparisons: further paired comparisons between two rows the study runs, ``(row, other)``: ``row`` minus
+            ``other`` with the same statistics as a row against its baseline (e.g. two readings of one paper's
+            equation), reported apart from the baseline and control comparisons and outside their Holm family.
     """
 
     regimes: tuple[str, ...] = REGIMES
@@ -116,6 +119,7 @@ class StudySettings:
     device: str = "auto"
     stop_after: str | None = None
     variant_names: tuple[str, ...] = ()
+    comparisons: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if not self.regimes or any(regime not in REGIMES for regime in self.regimes):
@@ -161,6 +165,14 @@ class StudySettings:
         unknown = [name for name in self.variant_names if name not in known]
         if unknown:
             raise ValueError(f"variant_names (--variants): unknown {unknown}; the rows are {known}.")
+        rows = [v.name for v in self.variants()]
+        for pair in self.comparisons:
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"comparisons (--compare): {pair!r} must name two different rows, 'row vs other'.")
+            missing = [name for name in pair if name not in rows]
+            if missing:
+                raise ValueError(f"comparisons (--compare): {missing} not among the rows this study runs {rows}; "
+                                 "name them in --variants (or their family in --families) too.")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available here.")
 
