@@ -21,7 +21,7 @@ cached in ``OUTPUT_DIR/runs``, so an interrupted study resumes.
         --fixed_weights dias_dim=1,dias_inter=0.0005,dias_intra=0.01 --output_dir out  # one row, earlier weights
     python recipes/study_methods.py --regime pretrained --variants "+CSA" --pretrained_epochs 32 \\
         --pretrained_learning_rates 1e-4,3e-4,9e-4 --weight_centres csa=10 --output_dir out  # reselect around 10
-    python recipes/study_methods.py --regime scratch --variants "+L_dim (shifted, ours);+L_dim (literal Eq. 6)" \
+    python recipes/study_methods.py --regime scratch --variants "+L_dim (shifted, ours);+L_dim (literal Eq. 6)" \\
         --compare "+L_dim (literal Eq. 6) vs +L_dim (shifted, ours)" --output_dir out  # two readings, side by side
 
 Without ``--model_name_or_path`` the pretrained start is the demo CLIP of ``recipes/pretrain_demo.py`` (made on

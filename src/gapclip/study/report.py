@@ -99,7 +99,6 @@ def summarise_regime(
         methods[name][kind]["rsum"]["holm"] = {"p": p, "family_size": len(compared)}
     declared = _declared_comparisons(study, finished_runs, text_to_image)
     return {
-        **({"comparisons": declared} if declared else {}),
         "start": context.extra.get("start"),
         "start_digest": context.extra.get("start_digest"),  # config and weights by content: which start, exactly
         "cache_key": context.key,  # the context part of every run's key (runs/<regime>/<run key>.json)
@@ -114,6 +113,7 @@ def summarise_regime(
         "run_seconds": round(run_seconds, 1),
         "run_count": run_count,
         "trained_count": trained_count,
+        **({"comparisons": declared} if declared else {}),  # only when the study declared some (--compare)
     }
 
 
