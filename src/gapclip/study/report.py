@@ -183,46 +183,52 @@ def _row(name: str, entry: dict[str, Any]) -> str:
     return f"| {name} | {n}{diverged} | " + " | ".join(cells + comparison) + " |"
 
 
-def _comparison_cells(vs: dict[str, Any] | None) -> list[str]:
-    """ΔRSUM [95% CI], p (Holm), p (seeds), ΔGap and the verdict of one comparison (blank without one)."""
+def _comparison_cells(vs: dict[str, Any] | None, *, adjusted: bool = True) -> list[str]:
+    """ΔRSUM [95% CI], p (Holm; with ``adjusted=False`` the bootstrap's own), p (seeds), ΔGap and the verdict of one
+    comparison (blank without one)."""
     if not vs:
         return ["", "", "", "", ""]
     boot, seeds, gap = vs["rsum"]["bootstrap"], vs["rsum"]["seeds"], vs["modality_gap"]["seeds"]
+    holm = vs["rsum"].get("holm") if adjusted else {"p": boot["p"], "family_size": 1}
     return [
         f"{boot['diff']:+.1f} [{boot['ci_low']:+.1f}, {boot['ci_high']:+.1f}]",
-        _holm_cell(vs["rsum"].get("holm"), boot["num_resamples"]),
+        _holm_cell(holm, boot["num_resamples"]),
         "" if seeds["p"] is None else f"{seeds['p']:.3f}",
         f"{gap['diff']:+.3f}",
         vs["rsum"]["verdict"],
     ]
 
 
-def _control_table(methods: dict[str, Any]) -> list[str]:
-    """The rows compared with their control (the same batches without the terms) as well as with their baseline."""
-    header = ["Method", "Control", "Seeds", "ΔRSUM [95% CI]", "p (Holm)", "p (seeds)", "ΔGap", "Verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|"]
-    return lines + [
-        f"| {name} | {e['vs_control']['control']} | {len(e['vs_control']['seeds'])} | "
-        + " | ".join(_comparison_cells(e["vs_control"])) + " |"
-        for name, e in methods.items() if e.get("vs_control")
-    ]
-
-
-def _declared_table(comparisons: list[dict[str, Any]]) -> list[str]:
-    header = ["Row", "Minus", "Seeds", "ΔRSUM [95% CI]", "p (bootstrap)", "p (seeds)", "ΔGap", "Verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|"]
-    for c in comparisons:
-        if not c["seeds"]:
-            lines.append(f"| {c['row']} | {c['other']} | 0 | not compared: no seed finished in both | | | | |")
+def _pair_table(headings: tuple[str, str, str], pairs: list[tuple[str, str, dict[str, Any]]], *,
+                adjusted: bool) -> list[str]:
+    """One row per comparison of a row with another (its control, or a row ``--compare`` names): ``headings`` name
+    the two rows' columns and the p column."""
+    first, second, p_heading = headings
+    header = [first, second, "Seeds", "ΔRSUM [95% CI]", p_heading, "p (seeds)", "ΔGap", "Verdict"]
+    lines = _table_head(header, left_columns=2)
+    for name, other, vs in pairs:
+        if not vs["seeds"]:
+            lines.append(f"| {name} | {other} | 0 | not compared: no seed finished in both | | | | |")
             continue
-        cells = _comparison_cells(c)
-        boot = c["rsum"]["bootstrap"]
-        cells[1] = _holm_cell({"p": boot["p"], "family_size": 1}, boot["num_resamples"])
-        lines.append(f"| {c['row']} | {c['other']} | {len(c['seeds'])} | " + " | ".join(cells) + " |")
+        cells = _comparison_cells(vs, adjusted=adjusted)
+        lines.append(f"| {name} | {other} | {len(vs['seeds'])} | " + " | ".join(cells) + " |")
     return lines
 
 
+def _control_table(methods: dict[str, Any]) -> list[str]:
+    """The rows compared with their control (the same batches without the terms) as well as with their baseline."""
+    pairs = [(name, e["vs_control"]["control"], e["vs_control"]) for name, e in methods.items() if e.get("vs_control")]
+    return _pair_table(("Method", "Control", "p (Holm)"), pairs, adjusted=True)
+
+
+def _declared_table(comparisons: list[dict[str, Any]]) -> list[str]:
+    """``--compare``'s comparisons, outside the Holm family: their p is the bootstrap's, unadjusted."""
+    pairs = [(c["row"], c["other"], c) for c in comparisons]
+    return _pair_table(("Row", "Minus", "p (bootstrap)"), pairs, adjusted=False)
+
+
 def _holm_cell(holm: dict[str, Any] | None, num_resamples: int) -> str:
+    """A comparison's p with the size of the family Holm adjusted it in (a family of one: unadjusted)."""
     if holm is None:
         return ""
     if holm["p"] == 0.0:  # no replicate crossed 0: p is below the bootstrap's resolution, 2 / resamples
@@ -230,10 +236,15 @@ def _holm_cell(holm: dict[str, Any] | None, num_resamples: int) -> str:
     return f"{holm['p']:.3f}"
 
 
+def _table_head(header: list[str], left_columns: int) -> list[str]:
+    """A markdown table's header and alignment lines: the first ``left_columns`` columns left-aligned, the rest right."""
+    return ["| " + " | ".join(header) + " |",
+            "|" + "|".join([":---"] * left_columns + ["---:"] * (len(header) - left_columns)) + "|"]
+
+
 def _table(methods: dict[str, Any], names: list[str]) -> list[str]:
     header = ["Method", "Seeds", *_HEADERS, "ΔRSUM [95% CI]", "p (Holm)", "p (seeds)", "ΔGap", "Verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", "---:"] + ["---:"] * (len(header) - 2)) + "|"]
-    return lines + [_row(name, methods[name]) for name in names]
+    return _table_head(header, left_columns=1) + [_row(name, methods[name]) for name in names]
 
 
 def _invocation(section: dict[str, Any]) -> str:

@@ -165,7 +165,7 @@ class StudySettings:
         unknown = [name for name in self.variant_names if name not in known]
         if unknown:
             raise ValueError(f"variant_names (--variants): unknown {unknown}; the rows are {known}.")
-        rows = [v.name for v in self.variants()]
+        rows = [v.name for v in self.variants()] if self.comparisons else []
         for pair in self.comparisons:
             if len(pair) != 2 or pair[0] == pair[1]:
                 raise ValueError(f"comparisons (--compare): {pair!r} must name two different rows, 'row vs other'.")
