@@ -199,6 +199,9 @@ def test_fixed_weights_train_no_sweep_and_reach_every_row_that_uses_the_term(tmp
                             "regimes": {"pretrained": section}})
     assert "- csa: **10**, given (`--fixed_weights`), not selected in this study (paper: *0.1*)" in text
     assert "- dias_intra: *0.1*: 99.9, 1: 99.0 → **0.1**" in text
+    # the baseline (no term: 100.0) beat both of dias_intra's weights on validation, and the report says so
+    assert ("→ **0.1** (its baseline: 100.0; every weight scores below it: the grid has no \"off\" point, so the "
+            "best of them is used)") in text
 
 
 def test_weight_centres_move_a_terms_grid_to_an_earlier_selection_and_the_report_says_so(tmp_path):
@@ -227,7 +230,7 @@ def test_weight_centres_move_a_terms_grid_to_an_earlier_selection_and_the_report
                             "machine": {"cpus": 2, "torch": "x", "load_average_at_write": None},
                             "regimes": {"pretrained": section}})
     assert "- usa (grid around 0.05, `--weight_centres`): 0.005: 100.0, 0.05: 100.0, *0.5*: 99.5 → **0.05**" in text
-    assert "- csa: 0.01: 100.0, *0.1*: 100.1, 1: 101.0, 10†: 110.0 → **10**" in text
+    assert "- csa: 0.01: 100.0, *0.1*: 100.1, 1: 101.0, 10†: 110.0 → **10** (its baseline: 100.0)" in text
     # a centre for a term no chosen row uses is reported like an unused fixed weight
     unused = MethodStudy(replace(settings, variant_names=("+CSA",), weight_centres={"usa": 0.05, "gst": 0.1}),
                          data_args=None, output_dir=tmp_path)

@@ -333,9 +333,14 @@ def render_markdown(results: dict[str, Any]) -> str:
                     (f"*{w}*" if float(w) == sel["paper"] else w) + ("" if float(w) in swept else "†") + f": {_fmt(v)}"
                     for w, v in sel["validation_rsum"].items()
                 )
+                baseline = sel["baseline_validation_rsum"]
+                # stage 2 picks among the grid's weights, never "off": say so when the baseline beat every one of them
+                below = baseline is not None and all(v is not None and v < baseline
+                                                     for v in sel["validation_rsum"].values())
                 lines.append(
-                    f"- {name}{around}: {grid} → **{sel['selected']:g}** (its baseline: "
-                    f"{_fmt(sel['baseline_validation_rsum'])})"
+                    f"- {name}{around}: {grid} → **{sel['selected']:g}** (its baseline: {_fmt(baseline)}"
+                    + ("; every weight scores below it: the grid has no \"off\" point, so the best of them is used)"
+                       if below else ")")
                 )
         methods = section["methods"]
         if not methods:
