@@ -335,8 +335,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 )
                 baseline = sel["baseline_validation_rsum"]
                 # stage 2 picks among the grid's weights, never "off": say so when the baseline beat every one of them
-                below = baseline is not None and all(v is not None and v < baseline
-                                                     for v in sel["validation_rsum"].values())
+                scores = list(sel["validation_rsum"].values())
+                below = baseline is not None and bool(scores) and all(v is not None and v < baseline for v in scores)
                 lines.append(
                     f"- {name}{around}: {grid} → **{sel['selected']:g}** (its baseline: {_fmt(baseline)}"
                     + ("; every weight scores below it: the grid has no \"off\" point, so the best of them is used)"
