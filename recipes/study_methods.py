@@ -160,6 +160,13 @@ class StudyArguments:
                           "--weight_factors value), e.g. 'csa=10,usa=0.05': to select a weight again under other "
                           "settings around the one an earlier study selected."},
     )
+    own_weights: bool = field(
+        default=False,
+        metadata={"help": "Give the max and mean LSC fusions and the KL and L2 GST distances weight sweeps of their "
+                          "own (lsc_max, lsc_mean, gst_kl, gst_l2: names for --fixed_weights and --weight_centres) "
+                          "instead of the weight selected for the concat fusion (lsc) and the InfoNCE distance "
+                          "(gst)."},
+    )
     max_grid_extensions: int = field(
         default=2, metadata={"help": "A grid whose best value is at an end grows one step that way, this many times."}
     )
@@ -209,7 +216,7 @@ class StudyArguments:
             comparisons=_comparisons(self.compare),
             weight_factors=_floats(self.weight_factors, "weight_factors"),
             fixed_weights=_term_weights(self.fixed_weights, "fixed_weights"),
-            weight_centres=_term_weights(self.weight_centres, "weight_centres"),
+            weight_centres=_term_weights(self.weight_centres, "weight_centres"), own_weights=self.own_weights,
             max_grid_extensions=self.max_grid_extensions, coordinate_rounds=self.coordinate_rounds,
             batch_size=self.per_device_train_batch_size, scratch_width=self.scratch_width,
             scratch_layers=self.scratch_layers, image_size=self.image_size,

@@ -199,6 +199,25 @@ def test_study_on_a_karpathy_json_without_translations_skips_gst(tiny_demo_root,
     assert set(results["regimes"]["scratch"]["selection"]["weights"]) == {"lsc"}
 
 
+@pytest.mark.slow
+def test_own_weights_select_a_distance_its_own_weight_and_reuse_that_run_as_its_row(tmp_path):
+    results = _study_recipe().main([
+        "--smoke", "--regime", "scratch", "--variants", "+GST (KL)", "--own_weights", "--weight_centres", "gst_kl=0.1",
+        "--output_dir", str(tmp_path), "--disable_tqdm", "true"])
+    assert results["settings"]["own_weights"] is True
+    section = results["regimes"]["scratch"]
+    weights = section["selection"]["weights"]
+    assert list(weights) == ["gst_kl"] and list(weights["gst_kl"]["validation_rsum"]) == ["0.1"]  # smoke: one factor
+    (term,) = section["methods"]["+GST (KL)"]["terms"]
+    assert term == {"name": "gst", "weight": weights["gst_kl"]["selected"], "options": {"distance": "kl"}}
+    # the KL row on seed 0 is its sweep's run at the selected weight, not a second run of the same term
+    records = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "scratch").glob("*.json")]
+    assert len(records) == section["run_count"]
+    gst_runs = [r["spec"]["gap_terms"] for r in records if r["spec"]["gap_terms"]]
+    assert gst_runs == [[["gst", 0.1, [["distance", "kl"]]]]]
+    assert "gst_kl" in (tmp_path / "study.md").read_text()
+
+
 def test_a_missing_local_start_model_is_named_at_parsing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"^--model_name_or_path './no/such/model': no such folder"):
@@ -244,6 +263,10 @@ def test_fixed_weights_are_parsed_into_the_settings(tmp_path):
     assert settings("--weight_centres", "csa=10,usa=0.05").weight_centres == {"csa": 10.0, "usa": 0.05}
     with pytest.raises(ValueError, match=r"^--weight_centres takes 'term=weight' pairs"):
         settings("--weight_centres", "csa=")
+    assert settings().own_weights is False
+    assert settings("--own_weights", "--weight_centres", "gst_kl=0.01").weight_centres == {"gst_kl": 0.01}
+    with pytest.raises(ValueError, match=r"only with own_weights \(--own_weights\)"):
+        settings("--fixed_weights", "lsc_max=0.1")
 
 
 def test_compare_pairs_are_parsed_into_the_settings(tmp_path):

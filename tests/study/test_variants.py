@@ -15,7 +15,7 @@ from gapclip import GapClipConfig
 from gapclip.study import SWEEPS, default_variants
 from gapclip.study.report import render_markdown
 from gapclip.study.runner import MethodStudy, StudySettings
-from gapclip.study.variants import BASELINES
+from gapclip.study.variants import BASELINES, OWN_WEIGHT_SWEEPS
 from gapclip.testing import tiny_clip_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -427,3 +427,36 @@ def test_the_report_says_how_many_runs_this_invocation_trained():
         "5 trained in this invocation, 1.5 min wall")
     assert _invocation({"trained_count": 0, "run_count": 5, "wall_seconds": 30.0}) == (
         "all read back from earlier invocations: none trained in this one")
+
+
+def test_own_weights_give_each_fusion_and_distance_a_sweep_of_its_own_over_the_same_runs(tmp_path):
+    """By default the max/mean fusions and the KL/L2 distances use the weight selected for concat and InfoNCE; with
+    ``own_weights`` each has its own sweep. The term is the same either way, so a run at a given weight is shared."""
+    shared = {v.name: v for v in default_variants()}
+    own = {v.name: v for v in default_variants(own_weights=True)}
+    assert list(own) == list(shared)
+    moved = {name: own[name].terms[0].sweep for name in own if own[name] != shared[name]}
+    assert moved == {"+LSC (max)": "lsc_max", "+LSC (mean)": "lsc_mean", "+GST (KL)": "gst_kl", "+GST (L2)": "gst_l2"}
+    assert sorted(moved.values()) == sorted(OWN_WEIGHT_SWEEPS)
+    assert not {use.sweep for v in shared.values() for use in v.terms} & set(OWN_WEIGHT_SWEEPS)  # plans unchanged
+    weights = dict.fromkeys(SWEEPS, 0.3)
+    for name in moved:
+        assert own[name].gap_terms(weights) == shared[name].gap_terms(weights)
+    assert [t["options"]["distance"] for t in own["+GST (L2)"].gap_terms(weights)] == ["l2"]
+    assert [t["options"]["fusion"] for t in own["+LSC (mean)"].gap_terms(weights)] == ["mean"]
+
+    everything = {"translation", "teacher"}
+    names = ("+LSC (max)", "+GST (KL)", "LG-MGC (LSC concat + GST InfoNCE)")
+    study = MethodStudy(StudySettings(variant_names=names, own_weights=True), data_args=None, output_dir=tmp_path)
+    assert study.needed_sweeps(everything) == ["lsc", "lsc_max", "gst", "gst_kl"]
+    # its own sweep's run at the selected weight is the row's seed 0, read back rather than trained again
+    assert study.is_stage_run(own["+GST (KL)"], 0) and not study.is_stage_run(shared["+GST (KL)"], 0)
+    default = MethodStudy(StudySettings(variant_names=names), data_args=None, output_dir=tmp_path)
+    assert default.needed_sweeps(everything) == ["lsc", "gst"]
+
+
+def test_an_own_weight_without_own_weights_is_refused_by_name():
+    for option in ("fixed_weights", "weight_centres"):
+        with pytest.raises(ValueError, match=r"\['gst_kl'\].*only with own_weights \(--own_weights\)"):
+            StudySettings(**{option: {"gst_kl": 0.01}})
+        assert getattr(StudySettings(own_weights=True, **{option: {"gst_kl": 0.01}}), option) == {"gst_kl": 0.01}

@@ -157,6 +157,8 @@ def write_reports(study: Any, results: dict[str, Any], started: float) -> None:
         "image_size": study.settings.image_size, "scratch_model": {
             "width": study.settings.scratch_width, "layers": study.settings.scratch_layers},
         "bootstrap_resamples": study.settings.bootstrap_resamples,
+        # only when set, so that the reports of studies made before the option stay as they were
+        **({"own_weights": True} if study.settings.own_weights else {}),
     }
     results["data"] = {k: v for k, v in vars(study.data_args).items() if v is not None}
     if study.command:

@@ -44,7 +44,7 @@ from transformers.utils import logging
 from .report import summarise_regime, write_reports
 from .pool import RunExecutor, default_workers
 from .runs import RunContext, RunSpec, RunStore, load_run
-from .variants import BASELINES, SWEEPS, Variant, default_variants
+from .variants import BASELINES, OWN_WEIGHT_SWEEPS, SWEEPS, Variant, default_variants
 
 logger = logging.get_logger(__name__)
 
@@ -89,6 +89,9 @@ class StudySettings:
             first use, at ``image_size``).
         image_size: image size of the demo data, of the demo pretraining and of a from-scratch model.
         pretrain_overrides: ``gapclip.pretrain.PretrainSettings`` fields for the default pretrained start.
+        own_weights: the max and mean LSC fusions and the KL and L2 GST distances get stage-2 sweeps of their own
+            (``lsc_max``, ``lsc_mean``, ``gst_kl``, ``gst_l2``; :data:`~gapclip.study.variants.OWN_WEIGHT_SWEEPS`),
+            instead of using the weight selected for the concat fusion (``lsc``) and the InfoNCE distance (``gst``).
         comparisons: further paired comparisons between two rows the study runs, ``(row, other)``: ``row`` minus
             ``other`` with the same statistics as a row against its baseline (e.g. two readings of one paper's
             equation), reported apart from the baseline and control comparisons and outside their Holm family.
@@ -119,6 +122,7 @@ class StudySettings:
     device: str = "auto"
     stop_after: str | None = None
     variant_names: tuple[str, ...] = ()
+    own_weights: bool = False
     comparisons: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
@@ -153,6 +157,10 @@ class StudySettings:
             bad = {name: w for name, w in given.items() if isinstance(w, bool) or not float(w) > 0}
             if bad:
                 raise ValueError(f"{option} must be positive numbers, got {bad}.")
+        own = sorted(set(OWN_WEIGHT_SWEEPS) & (set(self.fixed_weights) | set(self.weight_centres)))
+        if own and not self.own_weights:
+            raise ValueError(f"{own}: these fusions' and distances' weights are their own only with own_weights "
+                             "(--own_weights); without it they use the weight of lsc (concat) and gst (InfoNCE).")
         both = sorted(set(self.fixed_weights) & set(self.weight_centres))
         if both:
             raise ValueError(f"{both}: a term's weight is either given (fixed_weights) or selected on a grid around a "
@@ -183,7 +191,7 @@ class StudySettings:
     def variants(self) -> list[Variant]:
         """The rows of the requested families (or the named rows), and the baselines of the base losses they use."""
         named = set(self.variant_names)
-        every = default_variants()
+        every = default_variants(self.own_weights)
         rows = [v for v in every if (v.name in named if named else v.family in self.families and not v.optional)]
         bases = {v.base for v in rows}
         return [v for v in every if v in rows or (v.family == "baseline" and v.base in bases)]

@@ -4,7 +4,9 @@ Each variant is one base loss plus zero or more gap terms. A term's weight is no
 *sweep* selected on the validation split (:data:`SWEEPS`, each next to the paper's weight), so every term is tuned
 on the same footing as the baseline's learning rate. Variants that share a sweep (the three LSC fusions share
 ``lsc``; the three GST distances share ``gst``) use the same selected weight; a full method uses the selected weight
-of each of its terms, each chosen alone.
+of each of its terms, each chosen alone. With ``own_weights`` (``default_variants(own_weights=True)``), the max and
+mean fusions and the KL and L2 distances each get a sweep of their own (:data:`OWN_WEIGHT_SWEEPS`): their losses have
+other scales than the concat fusion's and the InfoNCE distance's, whose weight they share by default.
 
 Bases follow the papers: LG-MGC and CUSA add their terms to CLIP's InfoNCE; DIAS adds its terms to the triplet
 loss of Eq. 3 with distance-weighted negatives, summed over the batch (the VSE++/SCAN convention its weights are
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BASELINES", "SWEEPS", "TERM_NEEDS", "TermUse", "Variant", "Sweep", "default_variants"]
+__all__ = ["BASELINES", "OWN_WEIGHT_SWEEPS", "SWEEPS", "TERM_NEEDS", "TermUse", "Variant", "Sweep", "default_variants"]
 
 #: What a term needs from the dataset beyond images and captions: GST a generated caption per image ("translation"
 #: column), CUSA precomputed teacher embeddings.
@@ -56,7 +58,11 @@ SWEEPS: dict[str, Sweep] = {
     sweep.name: sweep
     for sweep in (
         Sweep("lsc", "lsc", "infonce", 1.0, (("fusion", "concat"), ("k", 4)), "LG-MGC: none given (ours: 1.0)"),
+        Sweep("lsc_max", "lsc", "infonce", 1.0, (("fusion", "max"), ("k", 4)), "LG-MGC: none given (ours: 1.0)"),
+        Sweep("lsc_mean", "lsc", "infonce", 1.0, (("fusion", "mean"), ("k", 4)), "LG-MGC: none given (ours: 1.0)"),
         Sweep("gst", "gst", "infonce", 1.0, (("distance", "infonce"),), "LG-MGC: none given (ours: 1.0)"),
+        Sweep("gst_kl", "gst", "infonce", 1.0, (("distance", "kl"),), "LG-MGC: none given (ours: 1.0)"),
+        Sweep("gst_l2", "gst", "infonce", 1.0, (("distance", "l2"),), "LG-MGC: none given (ours: 1.0)"),
         Sweep("dias_dim", "dias_dim", "triplet", 10.0, (("correlation_transform", "shift"),), "DIAS Sec. 4.4"),
         Sweep("dias_dim_literal", "dias_dim", "triplet", 10.0, (("correlation_transform", "none"),), "DIAS Sec. 4.4"),
         Sweep("dias_inter", "dias_inter", "triplet", 0.05, (), "DIAS Sec. 4.4"),
@@ -65,6 +71,10 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("usa", "usa", "infonce", 0.5, (), "CUSA released settings (β)"),
     )
 }
+
+
+#: The sweeps only a study with ``own_weights`` uses: each LSC fusion and GST distance besides the main ones.
+OWN_WEIGHT_SWEEPS: tuple[str, ...] = ("lsc_max", "lsc_mean", "gst_kl", "gst_l2")
 
 
 @dataclass(frozen=True)
@@ -119,11 +129,15 @@ class Variant:
         return [use.spec(weights[use.sweep]) for use in self.terms]
 
 
-def _lsc(fusion: str) -> TermUse:
+def _lsc(fusion: str, own_weights: bool = False) -> TermUse:
+    if own_weights and fusion != "concat":
+        return TermUse(f"lsc_{fusion}")
     return TermUse("lsc", (("fusion", fusion),))
 
 
-def _gst(distance: str) -> TermUse:
+def _gst(distance: str, own_weights: bool = False) -> TermUse:
+    if own_weights and distance != "infonce":
+        return TermUse(f"gst_{distance}")
     return TermUse("gst", (("distance", distance),))
 
 
@@ -135,18 +149,22 @@ _LITERAL_EQ14 = (("selection", "difference"),)
 _KMEANS_CONTROL = "Triplet, K-means batches"
 
 
-def default_variants() -> list[Variant]:
-    """Every row of the study, in table order (the ``optional`` ones only when named)."""
+def default_variants(own_weights: bool = False) -> list[Variant]:
+    """Every row of the study, in table order (the ``optional`` ones only when named).
+
+    ``own_weights``: the max and mean LSC fusions and the KL and L2 GST distances are weighted by sweeps of their own
+    (:data:`OWN_WEIGHT_SWEEPS`) instead of the concat fusion's and the InfoNCE distance's; the full LG-MGC (concat +
+    InfoNCE) is the same either way. A term trained at the same weight is the same run either way."""
     return [
         Variant("InfoNCE baseline", "baseline", "infonce", main=True),
         Variant("Triplet baseline", "baseline", "triplet", main=True),
         # LG-MGC (supplement Tables 2-3): each LSC fusion, each GST distance, the full method
         Variant("+LSC (concat)", "LG-MGC", "infonce", (_lsc("concat"),), main=True),
-        Variant("+LSC (max)", "LG-MGC", "infonce", (_lsc("max"),)),
-        Variant("+LSC (mean)", "LG-MGC", "infonce", (_lsc("mean"),)),
+        Variant("+LSC (max)", "LG-MGC", "infonce", (_lsc("max", own_weights),)),
+        Variant("+LSC (mean)", "LG-MGC", "infonce", (_lsc("mean", own_weights),)),
         Variant("+GST (InfoNCE)", "LG-MGC", "infonce", (_gst("infonce"),), main=True),
-        Variant("+GST (KL)", "LG-MGC", "infonce", (_gst("kl"),)),
-        Variant("+GST (L2)", "LG-MGC", "infonce", (_gst("l2"),)),
+        Variant("+GST (KL)", "LG-MGC", "infonce", (_gst("kl", own_weights),)),
+        Variant("+GST (L2)", "LG-MGC", "infonce", (_gst("l2", own_weights),)),
         Variant("LG-MGC (LSC concat + GST InfoNCE)", "LG-MGC", "infonce", (_lsc("concat"), _gst("infonce")), main=True),
         # DIAS (paper Table 4): each term alone on random batches, then the full method and its ablations
         Variant("+L_dim (shifted, ours)", "DIAS", "triplet", (TermUse("dias_dim"),), main=True),
