@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ pytest.importorskip("matplotlib")
 class TinyProcessor:
     """Word ids by a fixed table (bos 2, eos 3, pad 0) and 32x32 pixel values: enough for the tiny CLIP."""
 
-    def __call__(self, *, text, images, return_tensors="pt", padding=True):
+    def __call__(self, *, text, images, return_tensors="pt", padding=True, truncation=False):
         vocab = {}
         rows = [
             [2] + [4 + vocab.setdefault(word, len(vocab)) % 56 for word in caption.lower().split()] + [3]
@@ -70,6 +71,21 @@ def test_patch_similarity_values_and_grid(model):
     expected = F.normalize(out.text_embeds, dim=-1) @ F.normalize(out.patch_embeds[0], dim=-1).t()
     torch.testing.assert_close(maps, expected.reshape(2, 4, 4))
     assert model.training  # left as it was
+
+
+def test_a_caption_longer_than_the_tokenizer_limit_is_cut_there_as_in_training(tiny_demo_processor):
+    tokenizer = tiny_demo_processor.tokenizer
+    torch.manual_seed(0)
+    model = GapClipModel(GapClipConfig(tiny_clip_config(
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)))
+    long_caption = " ".join(["a red circle left of a blue square"] * 8)
+    assert len(tokenizer(long_caption)["input_ids"]) > tokenizer.model_max_length
+    image = Image.new("RGB", (32, 32), (120, 30, 200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "`max_length` is ignored when `padding`=`True` ..." and an index error
+        maps = patch_similarity(model, tiny_demo_processor, image, [long_caption, "a red circle"])
+    assert maps.shape == (2, 4, 4) and torch.isfinite(maps).all()
 
 
 def test_patch_similarity_map_png(model, tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, CLIPConfig, HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging
@@ -260,6 +261,9 @@ class GapClipTrainingArguments(TrainingArguments):
             )
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator needs the image and caption columns.")
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.accelerator.is_available()):
+            # Pinned memory only speeds up copies to an accelerator; without one, torch warns on every DataLoader.
+            self.dataloader_pin_memory = False
 
 
 @dataclass

@@ -100,7 +100,8 @@ def patch_similarity(model: Any, processor: Any, image: PILImage.Image, captions
     Args:
         model: a :class:`~gapclip.GapClipModel` (anything whose forward takes ``return_local`` and returns
             ``patch_embeds`` and ``text_embeds``).
-        processor: called as ``processor(text=captions, images=[image], return_tensors="pt", padding=True)``.
+        processor: called as ``processor(text=captions, images=[image], return_tensors="pt", padding=True,
+            truncation=True)``: a caption longer than the tokenizer's limit is cut there, as in training.
         image: the image.
         captions: one or more captions.
 
@@ -109,7 +110,9 @@ def patch_similarity(model: Any, processor: Any, image: PILImage.Image, captions
     """
     if isinstance(captions, str) or not captions:
         raise ValueError("patch_similarity: `captions` must be a non-empty list of strings.")
-    inputs = processor(text=list(captions), images=[image.convert("RGB")], return_tensors="pt", padding=True)
+    inputs = processor(
+        text=list(captions), images=[image.convert("RGB")], return_tensors="pt", padding=True, truncation=True
+    )
     parameter = next(model.parameters())
     attention_mask = inputs.get("attention_mask")
     was_training = model.training

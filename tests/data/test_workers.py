@@ -92,3 +92,22 @@ def test_dataloader_advice():
     assert suggested_num_workers(1, cpu_count=2) == 1
     assert suggested_num_workers(1, cpu_count=64) == 8
     assert suggested_num_workers(4, cpu_count=16) == 3
+
+
+def test_pinned_memory_is_asked_for_only_where_an_accelerator_takes_the_batches(tmp_path, monkeypatch):
+    """Trainer's default ``dataloader_pin_memory=True`` makes torch warn on every DataLoader of a CPU run."""
+    import warnings
+
+    from gapclip.cli import GapClipTrainingArguments
+
+    def pin(**kwargs) -> bool:
+        return GapClipTrainingArguments(output_dir=str(tmp_path), report_to="none", **kwargs).dataloader_pin_memory
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert pin() is False and pin(use_cpu=True) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning it avoids: "'pin_memory' ... no accelerator is found"
+        list(torch.utils.data.DataLoader(range(4), batch_size=2, pin_memory=pin()))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert pin() is True and pin(dataloader_pin_memory=False) is False
+    assert pin(use_cpu=True) is False  # training on the CPU beside an accelerator: nothing is copied to it
