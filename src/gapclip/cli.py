@@ -54,7 +54,7 @@ from .run_state import (
     run_configuration,
     write_run_record,
 )
-from .trainer import GapClipTrainer
+from .trainer import GapClipTrainer, pinned_memory_helps
 
 logger = logging.get_logger(__name__)
 
@@ -261,9 +261,7 @@ class GapClipTrainingArguments(TrainingArguments):
             )
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator needs the image and caption columns.")
-        if self.dataloader_pin_memory and (self.use_cpu or not torch.accelerator.is_available()):
-            # Pinned memory only speeds up copies to an accelerator; without one, torch warns on every DataLoader.
-            self.dataloader_pin_memory = False
+        self.dataloader_pin_memory = pinned_memory_helps(self)
 
 
 @dataclass

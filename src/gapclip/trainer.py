@@ -41,6 +41,13 @@ class EpochCallback(TrainerCallback):
             target.set_epoch(int(math.floor(state.epoch or 0)))
 
 
+def pinned_memory_helps(args: Any) -> bool:
+    """Whether ``args.dataloader_pin_memory`` should be honoured: pinned host memory only speeds up copies to an
+    accelerator, and without one torch warns on every DataLoader that asks for it. Also serves a plain
+    ``TrainingArguments``, which (unlike ``GapClipTrainingArguments``) keeps the Trainer's default of pinning."""
+    return bool(args.dataloader_pin_memory) and not getattr(args, "use_cpu", False) and torch.accelerator.is_available()
+
+
 class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
     """`Trainer` for :class:`~gapclip.GapClipModel`.
 
@@ -121,7 +128,7 @@ class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
         return torch.utils.data.DataLoader(
             self.train_dataset, batch_sampler=self.train_batch_sampler, collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+            pin_memory=pinned_memory_helps(self.args),
         )
 
     def save_checkpoint_extras(self, folder: str) -> None:

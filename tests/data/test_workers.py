@@ -111,3 +111,20 @@ def test_pinned_memory_is_asked_for_only_where_an_accelerator_takes_the_batches(
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     assert pin() is True and pin(dataloader_pin_memory=False) is False
     assert pin(use_cpu=True) is False  # training on the CPU beside an accelerator: nothing is copied to it
+
+
+def test_the_trainers_own_batch_sampler_loader_pins_only_for_an_accelerator(tiny_demo_processor, tiny_demo_datasets,
+                                                                             tmp_path, monkeypatch):
+    """The loader for a batch sampler (DIAS's K-means batches) follows the same rule, also for a plain
+    ``TrainingArguments``, which keeps the Trainer's default of pinning."""
+    from ..test_trainer import make_trainer, training_args
+
+    args = training_args(tmp_path, use_cpu=False, dataloader_pin_memory=True)
+    trainer = make_trainer(tiny_demo_processor, tiny_demo_datasets, args)
+    trainer.train_batch_sampler = [list(range(8))]
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert trainer.get_train_dataloader().pin_memory is False
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert trainer.get_train_dataloader().pin_memory is True
+    trainer.args.use_cpu = True
+    assert trainer.get_train_dataloader().pin_memory is False
