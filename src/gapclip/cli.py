@@ -23,7 +23,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, CLIPConfig, HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging

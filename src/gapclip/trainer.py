@@ -45,7 +45,7 @@ def pinned_memory_helps(args: Any) -> bool:
     """Whether ``args.dataloader_pin_memory`` should be honoured: pinned host memory only speeds up copies to an
     accelerator, and without one torch warns on every DataLoader that asks for it. Also serves a plain
     ``TrainingArguments``, which (unlike ``GapClipTrainingArguments``) keeps the Trainer's default of pinning."""
-    return bool(args.dataloader_pin_memory) and not getattr(args, "use_cpu", False) and torch.accelerator.is_available()
+    return bool(args.dataloader_pin_memory) and not args.use_cpu and torch.accelerator.is_available()
 
 
 class GapClipTrainer(NonFiniteGuardMixin, CrashSafeCheckpointMixin, Trainer):
