@@ -44,6 +44,7 @@ from gapclip.cli import DataArguments
 from gapclip.console import format_summary, run_recipe
 from gapclip.study import FAMILIES, REGIMES, STOP_AFTER, MethodStudy, StudySettings
 from gapclip.study.report import report_stem
+from gapclip.study.variants import OWN_WEIGHT_SWEEPS
 
 logger = logging.get_logger("gapclip.study")
 
@@ -163,7 +164,7 @@ class StudyArguments:
     own_weights: bool = field(
         default=False,
         metadata={"help": "Give the max and mean LSC fusions and the KL and L2 GST distances weight sweeps of their "
-                          "own (lsc_max, lsc_mean, gst_kl, gst_l2: names for --fixed_weights and --weight_centres) "
+                          f"own ({', '.join(OWN_WEIGHT_SWEEPS)}: names for --fixed_weights and --weight_centres) "
                           "instead of the weight selected for the concat fusion (lsc) and the InfoNCE distance "
                           "(gst)."},
     )

@@ -438,6 +438,9 @@ def test_own_weights_give_each_fusion_and_distance_a_sweep_of_its_own_over_the_s
     moved = {name: own[name].terms[0].sweep for name in own if own[name] != shared[name]}
     assert moved == {"+LSC (max)": "lsc_max", "+LSC (mean)": "lsc_mean", "+GST (KL)": "gst_kl", "+GST (L2)": "gst_l2"}
     assert sorted(moved.values()) == sorted(OWN_WEIGHT_SWEEPS)
+    assert {name: SWEEPS[name].shares for name in OWN_WEIGHT_SWEEPS} == {
+        "lsc_max": "lsc", "lsc_mean": "lsc", "gst_kl": "gst", "gst_l2": "gst"}
+    assert all(SWEEPS[SWEEPS[name].shares].term == SWEEPS[name].term for name in OWN_WEIGHT_SWEEPS)
     assert not {use.sweep for v in shared.values() for use in v.terms} & set(OWN_WEIGHT_SWEEPS)  # plans unchanged
     weights = dict.fromkeys(SWEEPS, 0.3)
     for name in moved:

@@ -35,7 +35,10 @@ BASELINES: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Sweep:
-    """A term (with fixed options) whose weight is chosen on validation among ``paper_weight × factors``."""
+    """A term (with fixed options) whose weight is chosen on validation among ``paper_weight × factors``.
+
+    ``shares``: the sweep whose selected weight this term uses unless a study gives it its own (``own_weights``).
+    """
 
     name: str
     term: str
@@ -43,6 +46,7 @@ class Sweep:
     paper_weight: float
     options: tuple[tuple[str, Any], ...] = ()
     source: str = ""
+    shares: str | None = None
 
     def spec(self, weight: float) -> dict[str, Any]:
         return {"name": self.term, "weight": float(weight), "options": dict(self.options)}
@@ -58,11 +62,15 @@ SWEEPS: dict[str, Sweep] = {
     sweep.name: sweep
     for sweep in (
         Sweep("lsc", "lsc", "infonce", 1.0, (("fusion", "concat"), ("k", 4)), "LG-MGC: none given (ours: 1.0)"),
-        Sweep("lsc_max", "lsc", "infonce", 1.0, (("fusion", "max"), ("k", 4)), "LG-MGC: none given (ours: 1.0)"),
-        Sweep("lsc_mean", "lsc", "infonce", 1.0, (("fusion", "mean"), ("k", 4)), "LG-MGC: none given (ours: 1.0)"),
+        Sweep("lsc_max", "lsc", "infonce", 1.0, (("fusion", "max"), ("k", 4)), "LG-MGC: none given (ours: 1.0)",
+              shares="lsc"),
+        Sweep("lsc_mean", "lsc", "infonce", 1.0, (("fusion", "mean"), ("k", 4)), "LG-MGC: none given (ours: 1.0)",
+              shares="lsc"),
         Sweep("gst", "gst", "infonce", 1.0, (("distance", "infonce"),), "LG-MGC: none given (ours: 1.0)"),
-        Sweep("gst_kl", "gst", "infonce", 1.0, (("distance", "kl"),), "LG-MGC: none given (ours: 1.0)"),
-        Sweep("gst_l2", "gst", "infonce", 1.0, (("distance", "l2"),), "LG-MGC: none given (ours: 1.0)"),
+        Sweep("gst_kl", "gst", "infonce", 1.0, (("distance", "kl"),), "LG-MGC: none given (ours: 1.0)",
+              shares="gst"),
+        Sweep("gst_l2", "gst", "infonce", 1.0, (("distance", "l2"),), "LG-MGC: none given (ours: 1.0)",
+              shares="gst"),
         Sweep("dias_dim", "dias_dim", "triplet", 10.0, (("correlation_transform", "shift"),), "DIAS Sec. 4.4"),
         Sweep("dias_dim_literal", "dias_dim", "triplet", 10.0, (("correlation_transform", "none"),), "DIAS Sec. 4.4"),
         Sweep("dias_inter", "dias_inter", "triplet", 0.05, (), "DIAS Sec. 4.4"),
@@ -74,7 +82,7 @@ SWEEPS: dict[str, Sweep] = {
 
 
 #: The sweeps only a study with ``own_weights`` uses: each LSC fusion and GST distance besides the main ones.
-OWN_WEIGHT_SWEEPS: tuple[str, ...] = ("lsc_max", "lsc_mean", "gst_kl", "gst_l2")
+OWN_WEIGHT_SWEEPS: tuple[str, ...] = tuple(name for name, sweep in SWEEPS.items() if sweep.shares)
 
 
 @dataclass(frozen=True)
@@ -129,16 +137,22 @@ class Variant:
         return [use.spec(weights[use.sweep]) for use in self.terms]
 
 
+def _variant_of(main: str, option: str, value: str, own_weights: bool = False) -> TermUse:
+    """Sweep ``main``'s term with ``option=value``: weighted by the sweep that shares ``main``'s weight and has that
+    option when ``own_weights``, else by ``main``'s own selection."""
+    if own_weights:
+        for sweep in SWEEPS.values():
+            if sweep.shares == main and dict(sweep.options)[option] == value:
+                return TermUse(sweep.name)
+    return TermUse(main, ((option, value),))
+
+
 def _lsc(fusion: str, own_weights: bool = False) -> TermUse:
-    if own_weights and fusion != "concat":
-        return TermUse(f"lsc_{fusion}")
-    return TermUse("lsc", (("fusion", fusion),))
+    return _variant_of("lsc", "fusion", fusion, own_weights)
 
 
 def _gst(distance: str, own_weights: bool = False) -> TermUse:
-    if own_weights and distance != "infonce":
-        return TermUse(f"gst_{distance}")
-    return TermUse("gst", (("distance", distance),))
+    return _variant_of("gst", "distance", distance, own_weights)
 
 
 _DIAS_FULL = (TermUse("dias_dim"), TermUse("dias_inter"), TermUse("dias_intra"))
