@@ -137,9 +137,9 @@ class Variant:
         return [use.spec(weights[use.sweep]) for use in self.terms]
 
 
-def _variant_of(main: str, option: str, value: str, own_weights: bool = False) -> TermUse:
-    """Sweep ``main``'s term with ``option=value``: weighted by the sweep that shares ``main``'s weight and has that
-    option when ``own_weights``, else by ``main``'s own selection."""
+def _term_use(main: str, option: str, value: str, own_weights: bool = False) -> TermUse:
+    """Sweep ``main``'s term with ``option=value``, weighted by the weight ``main`` selected or, with ``own_weights``,
+    by the sweep of its own that has that option (a sweep that ``shares`` ``main``'s weight by default), if any."""
     if own_weights:
         for sweep in SWEEPS.values():
             if sweep.shares == main and dict(sweep.options)[option] == value:
@@ -148,11 +148,11 @@ def _variant_of(main: str, option: str, value: str, own_weights: bool = False) -
 
 
 def _lsc(fusion: str, own_weights: bool = False) -> TermUse:
-    return _variant_of("lsc", "fusion", fusion, own_weights)
+    return _term_use("lsc", "fusion", fusion, own_weights)
 
 
 def _gst(distance: str, own_weights: bool = False) -> TermUse:
-    return _variant_of("gst", "distance", distance, own_weights)
+    return _term_use("gst", "distance", distance, own_weights)
 
 
 _DIAS_FULL = (TermUse("dias_dim"), TermUse("dias_inter"), TermUse("dias_intra"))
